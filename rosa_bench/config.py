@@ -1,0 +1,172 @@
+"""Typed schemas for the composed Hydra config, and the one function that validates it.
+
+Hydra composes YAML from conf/; `validate` turns the result into dataclasses, rejecting
+unknown keys, wrong types and out-of-range values with one clear line each. Method-specific
+options live in each method's own `MethodConfig` subclass (see rosa_bench/methods/), so a new
+method adds its fields without touching this file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from rosa_bench.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    """Where a model comes from. `name=auto` means the dataset's default model."""
+
+    name: str = "auto"
+    source: str = "hub"  # hub | gguf_package | package | tiny
+    hub_id: str | None = None
+    package: str | None = None  # python package that ships the weights (offline models)
+    file: str | None = None  # file inside `package` (the GGUF file)
+    kind: str | None = None  # causal | encoder; None: decided by the dataset
+    family: str | None = None  # llama | gpt2 | bert | roberta ...; None: read from the HF config
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+    cache_dir: str | None = None  # where converted offline weights are cached
+    tiny: dict[str, Any] = field(default_factory=dict)  # HF config kwargs for source=tiny
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "e2e"
+    task: str | None = None
+    cache: str | None = None  # data root holding the official file layouts
+    hub_id: str | None = None
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    max_length: int = 128
+    default_model: str = "smollm2-135m"
+    prompt: str = "{mr}\n"  # causal tasks: how the input is shown to the model
+    num_samples_to_log: int = 2  # generations logged as text at each evaluation
+
+
+@dataclass
+class MethodConfig:
+    """Options every method understands; methods subclass this for their own."""
+
+    name: str = "lora"
+    rank: Any = 8  # int, or a float in (0, 1) for methods that take a fraction of full rank
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] | None = None  # name patterns; None: the method's default per family
+    train_head: bool = True
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    batch_size: int = 8
+    eval_batch_size: int | None = None
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    scheduler: str = "linear"  # linear | cosine | constant
+    warmup_ratio: float = 0.0
+    max_grad_norm: float | None = 1.0
+    save_every: int = 0  # optimizer steps between checkpoints; 0: at epoch ends only
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    num_workers: int = 0
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 10  # optimizer steps between train/ scalars
+    eval_every: int = 0  # optimizer steps between evaluations; 0: at epoch ends only
+    sample_max_new_tokens: int = 32
+    progress: bool = True
+
+
+@dataclass
+class OutputConfig:
+    path: str = "runs"
+    name: str | None = None  # run folder name; None: derived from the overrides
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    fnmodel: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+SCHEDULERS = ("linear", "cosine", "constant")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def _structured(schema: type, section: Any, where: str) -> Any:
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), section)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        msg = str(err).splitlines()[0]
+        raise UserError(f"invalid config in '{where}': {msg}") from None
+
+
+def _check_choice(where: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UserError(f"{where}={value!r} is not allowed; choose one of: {', '.join(choices)}")
+
+
+def _check_positive(where: str, value: float | int | None, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise UserError(f"{where}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def validate(cfg: DictConfig | dict) -> RunConfig:
+    """Check a composed config and return it as typed dataclasses (raises UserError)."""
+    from rosa_bench.data import dataset_names
+    from rosa_bench.methods import method_class
+
+    cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
+    known = {"seed", "model", "dataset", "fnmodel", "train", "logging", "output"}
+    extra = sorted(set(cfg.keys()) - known)
+    if extra:
+        raise UserError(f"unknown top-level config keys {extra}; allowed: {sorted(known)}")
+    method_cls = method_class(str(cfg.fnmodel.name))  # raises on an unknown method
+    if str(cfg.dataset.name) not in dataset_names():
+        from rosa_bench.errors import choices_error
+
+        raise choices_error("dataset", cfg.dataset.name, dataset_names())
+    run = RunConfig(
+        seed=int(cfg.get("seed", 0)),
+        model=_structured(ModelConfig, cfg.model, "model"),
+        dataset=_structured(DatasetConfig, cfg.dataset, "dataset"),
+        fnmodel=_structured(method_cls.config_class, cfg.fnmodel, "fnmodel"),
+        train=_structured(TrainConfig, cfg.train, "train"),
+        logging=_structured(LoggingConfig, cfg.logging, "logging"),
+        output=_structured(OutputConfig, cfg.output, "output"),
+    )
+    t = run.train
+    _check_choice("train.scheduler", t.scheduler, SCHEDULERS)
+    _check_choice("train.precision", t.precision, PRECISIONS)
+    for key in ("epochs", "batch_size", "grad_accum", "lr"):
+        _check_positive(f"train.{key}", getattr(t, key))
+    _check_positive("train.max_steps", t.max_steps)
+    _check_positive("train.eval_batch_size", t.eval_batch_size)
+    _check_positive("train.save_every", t.save_every, allow_zero=True)
+    _check_positive("logging.eval_every", run.logging.eval_every, allow_zero=True)
+    _check_positive("logging.log_every", run.logging.log_every)
+    if not 0.0 <= t.warmup_ratio < 1.0:
+        raise UserError(f"train.warmup_ratio={t.warmup_ratio!r} must be in [0, 1)")
+    if not 0.0 <= run.fnmodel.dropout < 1.0:
+        raise UserError(f"fnmodel.dropout={run.fnmodel.dropout!r} must be in [0, 1)")
+    method_cls.check_config(run.fnmodel)
+    from rosa_bench.data import check_dataset_config
+
+    check_dataset_config(run.dataset)
+    return run

@@ -1,0 +1,231 @@
+"""The method contract: what every PEFT method shares lives here, once.
+
+A method is a `Method` subclass that (usually) wraps each target Linear / GPT-2 Conv1D layer
+in an `AdapterLayer` subclass. The base owns target matching, freezing, the classification
+head, rank checks, merging, checkpoint state and the trainer hooks; a method file holds only
+what is particular to it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from rosa_bench.config import MethodConfig
+from rosa_bench.errors import UserError
+
+if TYPE_CHECKING:
+    from rosa_bench.train.loop import Trainer
+
+# Top-level modules of HF sequence-classification models that form the task head.
+HEAD_NAMES = ("classifier", "score")
+FAMILY_OF_MODEL_TYPE = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "llama",
+                        "bert": "bert", "roberta": "roberta"}
+METHOD_ATTR = "_rosa_bench_method"
+
+
+def model_family(model: nn.Module) -> str:
+    """The architecture family that picks default targets ('llama', 'gpt2', 'bert', ...)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", "") or ""
+    return FAMILY_OF_MODEL_TYPE.get(model_type, model_type)
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def layer_shape(module: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of a Linear or Conv1D (whose weight is stored transposed)."""
+    if isinstance(module, Conv1D):
+        return module.weight.shape[1], module.weight.shape[0]
+    return module.weight.shape[0], module.weight.shape[1]
+
+
+def is_head(name: str) -> bool:
+    return any(name == h or name.startswith(h + ".") for h in HEAD_NAMES)
+
+
+def pattern_matches(pattern: str, name: str) -> bool:
+    """A target pattern is a module-name suffix ('q_proj', 'attn.c_attn') or a full regex."""
+    return name == pattern or name.endswith("." + pattern) or re.fullmatch(pattern, name) is not None
+
+
+def find_targets(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Names of the adaptable (Linear/Conv1D, non-head) modules matched by `patterns`.
+
+    Every pattern must match at least one module: a typo must not silently train nothing."""
+    candidates = [n for n, m in model.named_modules() if is_adaptable(m) and not is_head(n)]
+    matched: list[str] = []
+    for pattern in patterns:
+        hits = [n for n in candidates if pattern_matches(pattern, n)]
+        if not hits:
+            leaf_names = sorted({n.rsplit(".", 1)[-1] for n in candidates})
+            raise UserError(f"target pattern {pattern!r} matches no Linear/Conv1D module; "
+                            f"layer names in this model: {', '.join(leaf_names)}")
+        matched.extend(h for h in hits if h not in matched)
+    return sorted(matched, key=[n for n, _ in model.named_modules()].index)
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+class AdapterLayer(nn.Module):
+    """A frozen Linear/Conv1D plus a method's trainable update: y = base(x) + update(x).
+
+    Weights are exposed in Linear orientation (out, in) whatever the base stores, so methods
+    never special-case GPT-2's transposed Conv1D."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.out_features, self.in_features = layer_shape(base_layer)
+        self.transposed = isinstance(base_layer, Conv1D)
+        base_layer.requires_grad_(False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight as (out, in); a view, so in-place edits reach the base layer."""
+        w = self.base_layer.weight
+        return w.T if self.transposed else w
+
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def delta_weight(self) -> torch.Tensor:
+        """The (out, in) matrix this adapter adds to the base weight."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + self.update(x)
+
+    @torch.no_grad()
+    def add_to_weight(self, delta: torch.Tensor) -> None:
+        self.weight.add_(delta.to(self.weight.dtype))
+
+    @torch.no_grad()
+    def merge(self) -> nn.Module:
+        """Fold the update into the base weight and return the plain base layer."""
+        self.add_to_weight(self.delta_weight())
+        return self.base_layer
+
+
+class Method:
+    """A PEFT method. Subclasses set `name`, `config_class`, `default_targets` and implement
+    `make_layer`; hooks are optional."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    # Paper defaults per model family: attention query and value projections (LoRA's choice).
+    default_targets: ClassVar[dict[str, list[str]]] = {
+        "llama": ["q_proj", "v_proj"],
+        "gpt2": ["c_attn"],
+        "bert": ["query", "value"],
+        "roberta": ["query", "value"],
+    }
+    mergeable: ClassVar[bool] = True
+
+    def __init__(self, cfg: MethodConfig):
+        self.cfg = cfg
+
+    # ---- configuration -------------------------------------------------------------------
+    @classmethod
+    def check_config(cls, cfg: MethodConfig) -> None:
+        """Reject bad method options before any model loads (subclasses extend)."""
+        if not isinstance(cfg.rank, int) or isinstance(cfg.rank, bool) or cfg.rank < 1:
+            raise UserError(f"fnmodel.rank={cfg.rank!r} must be a positive integer for {cls.name}")
+
+    def target_patterns(self, family: str) -> list[str]:
+        if self.cfg.targets is not None:
+            return list(self.cfg.targets)
+        if family not in self.default_targets:
+            raise UserError(f"no default targets of {self.name} for model family {family!r} "
+                            f"(known: {', '.join(sorted(self.default_targets))}); set fnmodel.targets")
+        return list(self.default_targets[family])
+
+    def rank_for(self, module: nn.Module) -> int:
+        """The rank this method uses on `module` (subclasses may resolve fractions)."""
+        return int(self.cfg.rank)
+
+    def check_layer(self, name: str, module: nn.Module) -> None:
+        out_f, in_f = layer_shape(module)
+        rank = self.rank_for(module)
+        if rank > min(out_f, in_f):
+            raise UserError(f"fnmodel.rank={rank} is larger than layer {name} allows "
+                            f"(shape {out_f}x{in_f}: rank at most {min(out_f, in_f)})")
+
+    # ---- wrapping ------------------------------------------------------------------------
+    def make_layer(self, name: str, module: nn.Module) -> AdapterLayer:
+        raise NotImplementedError
+
+    def apply(self, model: nn.Module, family: str | None = None) -> nn.Module:
+        """Freeze the model, wrap the target layers, unfreeze the head; returns the model."""
+        family = family or model_family(model)
+        targets = find_targets(model, self.target_patterns(family))
+        for name in targets:
+            self.check_layer(name, model.get_submodule(name))
+        model.requires_grad_(False)
+        for name in targets:
+            set_submodule(model, name, self.make_layer(name, model.get_submodule(name)))
+        self.set_head_trainable(model)
+        setattr(model, METHOD_ATTR, self)
+        return model
+
+    def set_head_trainable(self, model: nn.Module) -> None:
+        for name, param in model.named_parameters():
+            if is_head(name):
+                param.requires_grad_(self.cfg.train_head)
+
+    def adapter_layers(self, model: nn.Module) -> list[tuple[str, AdapterLayer]]:
+        return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        """Fold every adapter into its base weight; returns a plain model."""
+        if not self.mergeable:
+            raise UserError(f"method {self.name} cannot be merged into the base weights")
+        for name, layer in self.adapter_layers(model):
+            set_submodule(model, name, layer.merge())
+        if hasattr(model, METHOD_ATTR):
+            delattr(model, METHOD_ATTR)
+        return model
+
+    # ---- state -----------------------------------------------------------------------------
+    def checkpoint_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Tensors a checkpoint must hold to restore the trained model on top of the base
+        model: the trainable parameters (methods that edit frozen weights add those)."""
+        return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    def load_checkpoint_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        own = dict(model.named_parameters()) | dict(model.named_buffers())
+        unknown = sorted(set(state) - set(own))
+        if unknown:
+            raise UserError(f"checkpoint holds tensors this model lacks: {unknown[:5]}")
+        with torch.no_grad():
+            for name, tensor in state.items():
+                own[name].copy_(tensor)
+
+    # ---- trainer hooks (no-ops unless a method needs them) ----------------------------------
+    def on_train_start(self, trainer: Trainer) -> None:
+        """Called once before the first step (after resume)."""
+
+    def on_epoch_start(self, trainer: Trainer) -> None:
+        """Called at the start of each epoch."""
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        """Called after each optimizer step."""
+
+
+def trainable_parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def attached_method(model: nn.Module) -> Method:
+    method = getattr(model, METHOD_ATTR, None)
+    if method is None:
+        raise UserError("this model has no rosa_bench method applied (call rosa_bench.apply first)")
+    return method

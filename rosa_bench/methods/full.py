@@ -1,0 +1,21 @@
+"""Full fine-tuning: every parameter trains (the head too unless fnmodel.train_head=false)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from rosa_bench.methods.base import METHOD_ATTR, Method
+
+
+class FullFineTuning(Method):
+    name = "full"
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Full fine-tuning has no rank; nothing to check."""
+
+    def apply(self, model: nn.Module, family: str | None = None) -> nn.Module:
+        model.requires_grad_(True)
+        self.set_head_trainable(model)
+        setattr(model, METHOD_ATTR, self)
+        return model

@@ -1,0 +1,232 @@
+"""The one training loop every method and dataset goes through (HF Accelerate underneath).
+
+Read `Trainer.fit` top to bottom: build loaders, optimizer and schedule; resume if a
+checkpoint exists; then for each optimizer step: forward, backward, clip, step, log; evaluate
+every `logging.eval_every` steps and at each epoch end; checkpoint at epoch ends and every
+`train.save_every` steps. Methods hook in through `Method.on_*` (ROSA's resampling, ColA's
+gradient learning) instead of branches here.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from rosa_bench import runs
+from rosa_bench.config import RunConfig
+from rosa_bench.data.task import Task
+from rosa_bench.methods.base import Method, trainable_parameter_count
+from rosa_bench.train import checkpoint as ckpt
+from rosa_bench.train.evaluation import evaluate_split, generate_samples
+from rosa_bench.train.logger import RunLogger, peak_memory_mb
+
+MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+SCHEDULER_NAMES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+
+
+class Trainer:
+    def __init__(self, run: RunConfig, folder: Path, model: nn.Module, tokenizer: Any,
+                 task: Task, method: Method):
+        self.run, self.folder, self.task, self.method, self.tokenizer = run, folder, task, method, tokenizer
+        self.accelerator = Accelerator(
+            mixed_precision=MIXED_PRECISION[run.train.precision],
+            gradient_accumulation_steps=run.train.grad_accum,
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=run.seed),
+        )
+        self.model = model
+        self.global_step = 0
+        self.epoch = 0
+        self.batches_done = 0  # micro-batches consumed in the current epoch
+        self.best: dict[str, Any] = {}
+        self.last_scores: dict[str, Any] = {}
+        self.saved_step = -1
+
+    # ---- setup -----------------------------------------------------------------------------
+    def _param_groups(self) -> list[dict[str, Any]]:
+        """Weight decay on matrices only (not biases or norms), the usual AdamW practice."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        return [{"params": decay, "weight_decay": self.run.train.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
+
+    def _loaders(self) -> tuple[DataLoader, dict[str, DataLoader]]:
+        t = self.run.train
+        train = DataLoader(self.task.splits["train"], batch_size=t.batch_size, shuffle=True,
+                           collate_fn=self.task.collate, num_workers=t.num_workers)
+        evals = {s: DataLoader(self.task.splits[s], batch_size=t.eval_batch_size or t.batch_size,
+                               collate_fn=self.task.collate, num_workers=t.num_workers)
+                 for s in self.task.validation_splits}
+        return train, evals
+
+    def reset_optimizer_state(self, params: list[nn.Parameter]) -> None:
+        """Forget Adam moments of `params` (after a method re-initialises them); the LR
+        schedule is untouched."""
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        for p in params:
+            inner.state.pop(p, None)
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        run, acc = self.run, self.accelerator
+        train_loader, eval_loaders = self._loaders()
+        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=run.train.lr)
+        self.model, self.optimizer, train_loader = acc.prepare(self.model, self.optimizer, train_loader)
+        self.eval_loaders = eval_loaders
+        self.steps_per_epoch = max(1, math.ceil(len(train_loader) / run.train.grad_accum))
+        self.total_steps = run.train.max_steps or run.train.epochs * self.steps_per_epoch
+        num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        self.scheduler = get_scheduler(SCHEDULER_NAMES[run.train.scheduler], self.optimizer,
+                                       num_warmup_steps=int(run.train.warmup_ratio * self.total_steps),
+                                       num_training_steps=self.total_steps)
+        self._maybe_resume()
+        self.logger = RunLogger(self.folder, enabled=acc.is_main_process, purge_step=self.global_step)
+        self.logger.scalar("train/trainable_params", trainable_parameter_count(self.model), self.global_step)
+        self.method.on_train_start(self)
+        bar = tqdm(total=self.total_steps, initial=self.global_step, desc=f"train {self.folder.name}",
+                   disable=not (run.logging.progress and acc.is_local_main_process), dynamic_ncols=True)
+        self.model.train()
+        while self.global_step < self.total_steps and self.epoch < num_epochs:
+            self.method.on_epoch_start(self)
+            train_loader.set_epoch(self.epoch)
+            loader = train_loader
+            if self.batches_done:  # resumed mid-epoch: same shuffle, skip what was trained
+                loader = acc.skip_first_batches(train_loader, self.batches_done)
+            self._train_epoch(loader, bar)
+            if self.global_step >= self.total_steps and self.batches_done < len(train_loader):
+                break  # max_steps reached mid-epoch: the final checkpoint is written below
+            self.epoch, self.batches_done = self.epoch + 1, 0
+            self._evaluate()
+            self._save_last()
+        bar.close()
+        if self.last_scores.get("_step") != self.global_step:
+            self._evaluate()
+        if self.saved_step != self.global_step:
+            self._save_last()
+        summary = self._write_metrics(complete=True)
+        self.logger.close()
+        return summary
+
+    def _train_epoch(self, loader: DataLoader, bar: tqdm) -> None:
+        run, acc = self.run, self.accelerator
+        window_loss, window_batches, window_tokens = 0.0, 0, 0
+        window_start = time.perf_counter()
+        for batch in loader:
+            with acc.accumulate(self.model):
+                loss = self.model(**batch).loss
+                acc.backward(loss)
+                if acc.sync_gradients and run.train.max_grad_norm:
+                    acc.clip_grad_norm_(self.model.parameters(), run.train.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            self.batches_done += 1
+            window_loss += float(loss.detach())
+            window_batches += 1
+            window_tokens += int(batch.get("attention_mask", batch["input_ids"]).bool().sum())
+            if not acc.sync_gradients:
+                continue
+            self.scheduler.step()
+            self.global_step += 1
+            bar.update(1)
+            self.method.on_step_end(self)
+            if self.global_step % run.logging.log_every == 0 or self.global_step == self.total_steps:
+                elapsed = time.perf_counter() - window_start
+                avg = window_loss / window_batches
+                self.logger.scalars({"train/loss": avg, "train/lr": self.scheduler.get_last_lr()[0],
+                                     "train/tokens_per_s": window_tokens * acc.num_processes / elapsed,
+                                     "train/peak_mem_mb": peak_memory_mb(),
+                                     "train/epoch": self.global_step / self.steps_per_epoch},
+                                    self.global_step)
+                bar.set_postfix(loss=f"{avg:.4f}")
+                window_loss, window_batches, window_tokens = 0.0, 0, 0
+                window_start = time.perf_counter()
+            if run.logging.eval_every and self.global_step % run.logging.eval_every == 0:
+                self._evaluate()
+            if run.train.save_every and self.global_step % run.train.save_every == 0:
+                self._save_last()
+            if self.global_step >= self.total_steps:
+                return
+
+    # ---- evaluation and checkpoints ------------------------------------------------------------
+    def _evaluate(self) -> None:
+        acc = self.accelerator
+        model = acc.unwrap_model(self.model)
+        scores: dict[str, dict[str, float]] = {}
+        for split, loader in self.eval_loaders.items():
+            scores[split] = evaluate_split(model, self.task, loader, acc.device)
+            prefix = "valid" if split == self.task.validation_splits[0] else f"valid_{split.split('_')[-1]}"
+            self.logger.scalars({f"{prefix}/{k}": v for k, v in scores[split].items()}, self.global_step)
+        if self.task.is_causal and self.task.sample_prompts and acc.is_main_process:
+            samples = generate_samples(model, self.tokenizer, self.task.sample_prompts, acc.device,
+                                       self.run.logging.sample_max_new_tokens)
+            text = "\n\n".join(f"**prompt:** `{p.strip()}`  \n**generation:** {g}"
+                               for p, g in zip(self.task.sample_prompts, samples))
+            self.logger.text("valid/sample", text, self.global_step)
+        self.last_scores = {**scores, "_step": self.global_step}
+        self._track_best(scores[self.task.validation_splits[0]])
+
+    def _track_best(self, scores: dict[str, float]) -> None:
+        value = scores[self.task.metric_name]
+        best = self.best.get("value")
+        better = best is None or (value > best if self.task.greater_is_better else value < best)
+        if better:
+            self.best = {"metric": self.task.metric_name, "value": value, "step": self.global_step,
+                         "epoch": self.epoch, "scores": scores}
+            if self.accelerator.is_main_process:
+                ckpt.save_checkpoint(runs.checkpoint_dir(self.folder, "best"), self._model_state(),
+                                     self._loop_state())
+        self._write_metrics(complete=False)
+
+    def _model_state(self) -> dict[str, torch.Tensor]:
+        return self.method.checkpoint_state(self.accelerator.unwrap_model(self.model))
+
+    def _loop_state(self) -> dict[str, Any]:
+        return {"global_step": self.global_step, "epoch": self.epoch, "batches_done": self.batches_done,
+                "total_steps": self.total_steps, "best": self.best}
+
+    def _save_last(self) -> None:
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            ckpt.save_checkpoint(runs.checkpoint_dir(self.folder, "last"), self._model_state(),
+                                 self._loop_state(), self.optimizer, self.scheduler)
+        self.saved_step = self.global_step
+
+    def _maybe_resume(self) -> None:
+        last = runs.checkpoint_dir(self.folder, "last")
+        if not ckpt.has_checkpoint(last):
+            return
+        self.method.load_checkpoint_state(self.accelerator.unwrap_model(self.model),
+                                          ckpt.load_model_state(last))
+        state = ckpt.restore_training_state(last, self.optimizer, self.scheduler)
+        self.global_step, self.epoch = state["global_step"], state["epoch"]
+        self.batches_done, self.best = state["batches_done"], state["best"]
+        self.accelerator.print(f"resuming {self.folder} at step {self.global_step} (epoch {self.epoch})")
+
+    def _write_metrics(self, complete: bool) -> dict[str, Any]:
+        model = self.accelerator.unwrap_model(self.model)
+        summary = {
+            "complete": complete,
+            "global_step": self.global_step,
+            "total_steps": self.total_steps,
+            "epoch": self.epoch,
+            "task": self.task.name,
+            "method": self.method.name,
+            "model": self.run.model.name,
+            "trainable_params": trainable_parameter_count(model),
+            "total_params": sum(p.numel() for p in model.parameters()),
+            "best": self.best,
+            "final": {k: v for k, v in self.last_scores.items() if k != "_step"},
+        }
+        if self.accelerator.is_main_process:
+            runs.write_json(self.folder / runs.METRICS_FILE, summary)
+        return summary
