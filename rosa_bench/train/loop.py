@@ -132,7 +132,8 @@ class Trainer:
             self.batches_done += 1
             window_loss += float(loss.detach())
             window_batches += 1
-            window_tokens += int(batch.get("attention_mask", batch["input_ids"]).bool().sum())
+            mask = batch.get("attention_mask")
+            window_tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
             if not acc.sync_gradients:
                 continue
             self.scheduler.step()
