@@ -1,0 +1,156 @@
+"""Training-step time and memory of each method, measured in one run so ratios are fair.
+
+    python benchmarks/step_time.py                      # minilm-l6 32x64, smollm2-135m 8x128
+    python benchmarks/step_time.py --models minilm-l6 --methods full,lora --steps 5
+
+Each (model, method) runs in a fresh child process, so its peak memory is its own: on CUDA
+the allocator's peak, on CPU the child's peak resident memory (and the part added by
+training, over the loaded model). Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# model -> (batch, seq_len, task kind): the shapes named in the foundation issue
+SHAPES = {"minilm-l6": (32, 64, "classification"), "smollm2-135m": (8, 128, "causal_lm")}
+DEFAULT_METHODS = "full,lora,peft_lora"
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(model_name: str, method: str, options: dict, steps: int, warmup: int, threads: int) -> dict:
+    """Time `steps` AdamW training steps of `method` on random tokens (child process)."""
+    import torch
+
+    from rosa_bench.config import ModelConfig
+    from rosa_bench.methods import build_method, method_class
+    from rosa_bench.methods.base import trainable_parameter_count
+    from rosa_bench.models import load_model, resolve_model_config
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    batch, seq, kind = SHAPES[model_name]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, _, family = load_model(resolve_model_config(ModelConfig(name=model_name), model_name), kind,
+                                  num_labels=2 if kind == "classification" else None)
+    cfg = method_class(method).config_class(name=method, **options)
+    model = build_method(cfg).apply(model, family).to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    ids = torch.randint(100, 1000, (batch, seq), device=device)
+    labels = torch.randint(0, 2, (batch,), device=device) if kind == "classification" else ids
+    loaded_mb = _rss_mb()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(warmup + steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _rss_mb()
+    return {"model": model_name, "method": method, "options": options,
+            "trainable_params": trainable_parameter_count(model),
+            "median_step_s": median, "min_step_s": min(times), "tokens_per_s": batch * seq / median,
+            "peak_mem_mb": peak, "train_mem_mb": peak - (0 if device.type == "cuda" else loaded_mb),
+            "batch": batch, "seq_len": seq, "device": device.type}
+
+
+def _child(queue: mp.Queue, *args) -> None:
+    queue.put(measure(*args))
+
+
+def run_isolated(*args) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(queue, *args))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def add_ratios(rows: list[dict]) -> None:
+    for row in rows:
+        same_model = {r["method"]: r for r in rows if r["model"] == row["model"]}
+        for ref in ("full", "peft_lora", "lora"):
+            if ref in same_model:
+                row[f"time_vs_{ref}"] = row["median_step_s"] / same_model[ref]["median_step_s"]
+                row[f"mem_vs_{ref}"] = row["train_mem_mb"] / max(same_model[ref]["train_mem_mb"], 1e-9)
+
+
+def table(rows: list[dict]) -> str:
+    cols = ["model", "method", "trainable_params", "median_step_s", "tokens_per_s", "peak_mem_mb",
+            "train_mem_mb", "time_vs_full", "time_vs_peft_lora", "mem_vs_full"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c, "")
+            cells.append(f"{v:,}" if isinstance(v, int) else f"{v:.3f}" if isinstance(v, float) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parse_methods(spec: str, rank: int) -> list[tuple[str, dict]]:
+    """'lora,rocoft:mode=row' -> [(lora, {rank}), (rocoft, {rank, mode: row})]."""
+    out = []
+    for item in spec.split(","):
+        name, *opts = item.split(":")
+        options = {} if name == "full" else {"rank": rank}
+        for opt in opts:
+            key, value = opt.split("=", 1)
+            options[key] = value
+        out.append((name, options))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(SHAPES))
+    parser.add_argument("--methods", default=DEFAULT_METHODS,
+                        help="comma list; per-method options as name:key=value")
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "step_time.json"))
+    args = parser.parse_args()
+    rows = []
+    for model_name in args.models.split(","):
+        for method, options in parse_methods(args.methods, args.rank):
+            print(f"measuring {model_name} / {method} {options or ''} ...", flush=True)
+            rows.append(run_isolated(model_name, method, options, args.steps, args.warmup, args.threads))
+    add_ratios(rows)
+    print(table(rows))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": platform.platform(), "python": sys.version.split()[0],
+                               "steps": args.steps, "warmup": args.warmup, "rows": rows}, indent=2))
+    print(f"saved {out}")
+
+
+if __name__ == "__main__":
+    main()
