@@ -128,7 +128,8 @@ def parse_methods(spec: str, rank: int) -> list[tuple[str, dict]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(SHAPES))
     parser.add_argument("--methods", default=DEFAULT_METHODS,
                         help="comma list; per-method options as name:key=value")

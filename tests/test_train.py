@@ -99,12 +99,13 @@ def test_checkpoint_round_trip_restores_outputs(tmp_path):
     batch = parts.task.collate([parts.task.splits["validation"][i] for i in range(3)])
     with torch.no_grad():
         untrained = parts.model(**batch).logits
-    parts.method.load_checkpoint_state(parts.model, load_file(str(folder / "checkpoints/last/model.safetensors")))
+    saved = load_file(str(folder / "checkpoints/last/model.safetensors"))
+    parts.method.load_checkpoint_state(parts.model, saved)
     with torch.no_grad():
         restored = parts.model(**batch).logits
     assert (restored - untrained).abs().max() > 0
     again = build(resolve(run))
-    again.method.load_checkpoint_state(again.model, load_file(str(folder / "checkpoints/last/model.safetensors")))
+    again.method.load_checkpoint_state(again.model, saved)
     with torch.no_grad():
         torch.testing.assert_close(again.model(**batch).logits, restored, atol=0, rtol=0)
 

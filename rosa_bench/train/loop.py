@@ -93,7 +93,7 @@ class Trainer:
         self.logger = RunLogger(self.folder, enabled=acc.is_main_process, purge_step=self.global_step)
         self.logger.scalar("train/trainable_params", trainable_parameter_count(self.model), self.global_step)
         self.method.on_train_start(self)
-        bar = tqdm(total=self.total_steps, initial=self.global_step, desc=f"train {self.folder.name}",
+        bar = tqdm(total=self.total_steps, initial=self.global_step, desc="train",
                    disable=not (run.logging.progress and acc.is_local_main_process), dynamic_ncols=True)
         self.model.train()
         while self.global_step < self.total_steps and self.epoch < num_epochs:
