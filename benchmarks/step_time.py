@@ -45,7 +45,7 @@ def measure(model_name: str, method: str, options: dict, steps: int, warmup: int
     torch.manual_seed(0)
     batch, seq, kind = SHAPES[model_name]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, _, family = load_model(resolve_model_config(ModelConfig(name=model_name), model_name), kind,
+    model, _, family = load_model(resolve_model_config(ModelConfig(name="auto"), model_name), kind,
                                   num_labels=2 if kind == "classification" else None)
     cfg = method_class(method).config_class(name=method, **options)
     model = build_method(cfg).apply(model, family).to(device).train()
