@@ -37,6 +37,23 @@ def _short(columns: list[str]) -> dict[str, str]:
     return {c: s if last.count(s) == 1 else c for c, s in zip(columns, last)}
 
 
+def _join(configs: pd.DataFrame, columns: list[str], names: dict[str, str]) -> pd.Series:
+    return configs[columns].astype(str).apply(
+        lambda row: " ".join(v if c == METHOD_KEY else f"{names[c]}={v}" for c, v in row.items()), axis=1)
+
+
+def _labels(configs: pd.DataFrame, shown: list[str]) -> pd.Series:
+    """Method first, then the keys that vary among that method's runs (a rank that only LoRA
+    sweeps is not printed for full fine-tuning). Two configurations differ in the method or in
+    a key that varies within it, so labels are unique."""
+    names = _short(shown)
+    if METHOD_KEY not in shown:
+        return _join(configs, varying_columns(configs, shown) or shown[:1], names)
+    others = [c for c in shown if c != METHOD_KEY]
+    return pd.concat([_join(runs, [METHOD_KEY, *varying_columns(runs, others)], names)
+                      for _, runs in configs.groupby(METHOD_KEY)]).reindex(configs.index)
+
+
 def configurations(configs: pd.DataFrame, group_by: list[str] | None = None) -> pd.DataFrame:
     """Per run: the shown config columns, a readable 'configuration' label (method first, then
     the keys that vary) and a 'colour_key' (the method when each configuration has one)."""
@@ -46,13 +63,8 @@ def configurations(configs: pd.DataFrame, group_by: list[str] | None = None) -> 
     else:
         shown = list(dict.fromkeys([c for c in ALWAYS_SHOWN if c in configs.columns]
                                    + varying_columns(configs, setting_columns(configs))))
-    in_label = varying_columns(configs, shown) or shown[:1]
-    names = _short(in_label)
-    out = configs[shown].copy()
-    # Every key column that varies is in `in_label`, so different configurations get different labels.
-    labels = configs[in_label].astype(str).apply(
-        lambda row: " ".join(v if c == METHOD_KEY else f"{names[c]}={v}" for c, v in row.items()), axis=1)
-    out["configuration"] = labels
+    labels = _labels(configs, shown)
+    out = configs[shown].assign(configuration=labels)
     method_per_config = configs.groupby(labels)[METHOD_KEY].nunique() if METHOD_KEY in configs else None
     by_method = method_per_config is not None and bool((method_per_config == 1).all())
     out["colour_key"] = configs[METHOD_KEY].astype(str) if by_method else labels
