@@ -161,19 +161,24 @@ def test_every_logged_point_is_read(root):
 def test_thousands_of_points_are_kept_and_bad_event_files_are_skipped_by_name(root, tmp_path, caplog):
     # EventAccumulator's default keeps a 1000-point sample; figures must keep all of them
     folder = tmp_path / "e2e_nlg" / "run"
-    shutil.copytree(next(f for f in _folders(root) if runs.read_metrics(f)), folder)
+    complete = next(f for f in _folders(root) if runs.read_metrics(f))
+    shutil.copytree(complete, folder)
+    shutil.copytree(complete, tmp_path / "glue" / "mrpc" / "run")  # a second task folder
     with SummaryWriter(str(folder)) as writer:
         for step in range(3000):
             writer.add_scalar("valid/bleu", step / 3000, step)
     (folder / "events.out.tfevents.1.empty").touch()
     (folder / "events.out.tfevents.2.corrupt").write_bytes(b"\x07not an event file" * 20)
     coll = collect.collect(tmp_path)
-    assert len(coll.curves[coll.curves["tag"] == "valid/bleu"]) == 3000
-    assert len(coll.curves[coll.curves["tag"] == "train/loss"]) == 6
+    points = coll.curves[coll.curves["run"] == "e2e_nlg/run"]
+    assert len(points[points["tag"] == "valid/bleu"]) == 3000
+    assert len(points[points["tag"] == "train/loss"]) == 6
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert "events.out.tfevents.1.empty" in warned and "events.out.tfevents.2.corrupt" in warned
-    report = make_figures(tmp_path)
+    report = make_figures(tmp_path)  # one output folder per task folder
     assert (tmp_path / "figures" / "e2e_nlg" / "curve_valid_bleu.png") in report.written
+    assert (tmp_path / "figures" / "glue" / "mrpc" / "table.md") in report.written
+    assert (tmp_path / "figures" / "glue" / "mrpc" / "curve_valid_bleu.png") not in report.written
 
 
 def test_unfinished_run_without_metrics_or_valid_tags_is_kept_and_marked(root, produced):

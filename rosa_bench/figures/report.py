@@ -40,7 +40,7 @@ def _subset(coll: Collection, task: str) -> Collection:
 
 def _task_outputs(coll: Collection, out: Path, title: str, opts: Options) -> list[Path]:
     confs = configurations(coll.configs, opts.group_by)
-    metric = (opts.metric or tables.default_metric(coll.runs)).removeprefix("valid/")
+    metric = tables.selection_metric(coll, opts.metric)
     table = tables.summary(coll, confs, metric)
     written = tables.write_tables(table, out)
     coll.runs.join(coll.configs).to_csv(out / "runs.csv", index_label="run")
@@ -65,6 +65,7 @@ def make_figures(root: Path, out: Path | None = None, opts: Options | None = Non
     root = Path(root)
     out = Path(out) if out else root / FIGURES_DIR
     coll = collect(root, opts.name_filter, opts.min_steps)
+    tables.check_metric(coll, opts.metric)
     written = []
     for task in sorted(coll.runs["task"].unique()):
         title = (root / task).as_posix() if task != "." else root.as_posix()

@@ -4,6 +4,7 @@ eval_*.json, each as mean and std over seeds, and how many seeds (and unfinished
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -16,6 +17,7 @@ LOWER_IS_BETTER = ("loss", "ppl", "perplexity")
 PARAMS = "trainable_params"
 SEEDS = "seeds"
 UNFINISHED = "unfinished"
+log = logging.getLogger(__name__)
 
 
 def lower_is_better(metric: str) -> bool:
@@ -39,12 +41,32 @@ def best_validation(coll: Collection, metric: str) -> pd.Series:
     curve = coll.curves[coll.curves["tag"] == tag].groupby("run")["value"]
     from_curve = curve.min() if lower_is_better(metric) else curve.max()
     from_metrics = coll.runs["best_value"].where(coll.runs["best_metric"] == metric)
-    best = from_metrics.fillna(from_curve.reindex(coll.runs.index))
-    if best.isna().all():
-        logged = sorted(t.removeprefix("valid/") for t in coll.curves["tag"].unique()
-                        if t.startswith("valid/"))
-        raise UserError(f"--metric {metric!r} is not logged by any run; choose from: {', '.join(logged)}")
-    return best.rename(best_column(metric))
+    return from_metrics.fillna(from_curve.reindex(coll.runs.index)).rename(best_column(metric))
+
+
+def logged_metrics(coll: Collection) -> set[str]:
+    """Metrics a selection can use: validation tags and the trainer's own selection metric."""
+    tags = {t.removeprefix("valid/") for t in coll.curves["tag"].unique() if t.startswith("valid/")}
+    return tags | set(coll.runs["best_metric"].dropna())
+
+
+def selection_metric(coll: Collection, requested: str | None) -> str:
+    """`requested` (with or without 'valid/') if these runs log it, else their own choice."""
+    metric = requested.removeprefix("valid/") if requested else None
+    if metric in logged_metrics(coll):
+        return metric
+    if metric:
+        log.warning("--metric %r is not logged by the runs in %s; using %r", metric,
+                    ", ".join(sorted(coll.runs["task"].unique())), default_metric(coll.runs))
+    return default_metric(coll.runs)
+
+
+def check_metric(coll: Collection, requested: str | None) -> None:
+    """A metric no run logs is a typo, not a task without it."""
+    metric = requested.removeprefix("valid/") if requested else None
+    if metric and metric not in logged_metrics(coll):
+        raise UserError(f"--metric {requested!r} is not logged by any run; choose from: "
+                        + ", ".join(sorted(logged_metrics(coll))))
 
 
 def summary(coll: Collection, confs: pd.DataFrame, metric: str) -> pd.DataFrame:
