@@ -89,6 +89,15 @@ def read_config(folder: Path) -> RunConfig:
     return validate(OmegaConf.load(path))
 
 
+def read_config_dict(folder: Path) -> dict[str, Any]:
+    """The saved config as plain data, not validated: readers such as figures.py must also
+    read runs of methods this checkout does not know."""
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise UserError(f"{folder} is not a run folder: {CONFIG_FILE} is missing")
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+
+
 def read_metrics(folder: Path) -> dict[str, Any]:
     path = Path(folder) / METRICS_FILE
     return read_json(path) if path.is_file() else {}
