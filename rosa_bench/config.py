@@ -35,6 +35,19 @@ class ModelConfig:
 
 
 @dataclass
+class GenerationConfig:
+    """How a causal task's outputs are decoded for scoring (evaluate.py and periodic
+    generation during training); each dataset's YAML sets its paper's protocol."""
+
+    num_beams: int = 1
+    max_new_tokens: int = 64
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    stop_at_blank_line: bool = True  # cut the output at the first empty line
+    batch_size: int = 16
+
+
+@dataclass
 class DatasetConfig:
     name: str = "e2e"
     task: str | None = None
@@ -46,6 +59,7 @@ class DatasetConfig:
     default_model: str = "smollm2-135m"
     prompt: str = "{mr}\n"  # causal tasks: how the input is shown to the model
     num_samples_to_log: int = 2  # generations logged as text at each evaluation
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
 
 
 @dataclass
@@ -82,6 +96,8 @@ class LoggingConfig:
     log_every: int = 10  # optimizer steps between train/ scalars
     eval_every: int = 0  # optimizer steps between evaluations; 0: at epoch ends only
     sample_max_new_tokens: int = 32
+    eval_generate_every: int = 0  # optimizer steps between generation scores (BLEU, accuracy); 0: never
+    eval_generate_max_prompts: int | None = 64  # prompts decoded each time; None: all
     progress: bool = True
 
 
@@ -161,6 +177,12 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
     _check_positive("train.save_every", t.save_every, allow_zero=True)
     _check_positive("logging.eval_every", run.logging.eval_every, allow_zero=True)
     _check_positive("logging.log_every", run.logging.log_every)
+    _check_positive("logging.eval_generate_every", run.logging.eval_generate_every, allow_zero=True)
+    _check_positive("logging.eval_generate_max_prompts", run.logging.eval_generate_max_prompts)
+    for key in ("num_beams", "max_new_tokens", "batch_size"):
+        _check_positive(f"dataset.generation.{key}", getattr(run.dataset.generation, key))
+    _check_positive("dataset.generation.no_repeat_ngram_size", run.dataset.generation.no_repeat_ngram_size,
+                    allow_zero=True)
     if not 0.0 <= t.warmup_ratio < 1.0:
         raise UserError(f"train.warmup_ratio={t.warmup_ratio!r} must be in [0, 1)")
     if not 0.0 <= run.fnmodel.dropout < 1.0:

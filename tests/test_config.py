@@ -60,7 +60,7 @@ def test_unknown_hub_model_name_stays_a_hub_id():
 @pytest.mark.parametrize("arg,pattern", [
     ("fnmodel.name=nope", r"unknown fnmodel.*'nope'.*full, lora, peft_lora"),
     ("fnmodel=nope", r"unknown fnmodel.*'nope'.*full, lora"),
-    ("dataset.name=imdb", r"unknown dataset.*'imdb'.*e2e, glue"),
+    ("dataset.name=imdb", r"unknown dataset.*'imdb'.*e2e, eli5, glue"),
 ])
 def test_unknown_names_list_the_choices(arg, pattern):
     with pytest.raises(UserError, match=pattern):

@@ -15,7 +15,7 @@ import datasets
 
 from rosa_bench.config import DatasetConfig
 from rosa_bench.data.files import cap, load_hub, local_files, pad_id, pad_right, read_table
-from rosa_bench.data.task import CAUSAL_LM, Task
+from rosa_bench.data.task import CAUSAL_LM, GenerationSet, Task
 from rosa_bench.errors import UserError
 
 FILES = {"train": "e2e/trainset.csv", "validation": "e2e/devset.csv", "test": "e2e/testset_w_refs.csv"}
@@ -66,11 +66,13 @@ def eos_id(tokenizer: Any) -> int:
 
 
 def encode(batch: dict[str, list], tokenizer: Any, prompt: str, max_length: int,
-           eos: int) -> dict[str, list]:
+           eos: int, source: str = "mr", target: str = "ref") -> dict[str, list]:
     """Prompt tokens (with the tokenizer's usual special tokens) + reference tokens + eos,
-    truncated to max_length; labels are IGNORE on the prompt so only the reference is learned."""
-    prompts = tokenizer([prompt.format(mr=mr) for mr in batch["mr"]], add_special_tokens=True)["input_ids"]
-    refs = tokenizer(batch["ref"], add_special_tokens=False)["input_ids"]
+    truncated to max_length; labels are IGNORE on the prompt so only the reference is learned.
+    Other causal datasets reuse it with their own `source` (prompt field) and `target` columns."""
+    prompts = tokenizer([prompt.format(**{source: x}) for x in batch[source]],
+                        add_special_tokens=True)["input_ids"]
+    refs = tokenizer(batch[target], add_special_tokens=False)["input_ids"]
     input_ids = [(p + r + [eos])[:max_length] for p, r in zip(prompts, refs)]
     labels = [([IGNORE] * len(p) + r + [eos])[:max_length] for p, r in zip(prompts, refs)]
     return {"input_ids": input_ids, "labels": labels}
@@ -79,6 +81,16 @@ def encode(batch: dict[str, list], tokenizer: Any, prompt: str, max_length: int,
 def collate(rows: list[dict[str, Any]], pad: int) -> dict[str, Any]:
     """Right padding; padded positions get IGNORE labels and a zero attention mask."""
     return pad_right(rows, {"input_ids": pad, "labels": IGNORE})
+
+
+def grouped(rows: datasets.Dataset, prompt: str) -> GenerationSet:
+    """One prompt per distinct MR (first-seen order) with all its references, as the E2E
+    evaluation scores them (the test set: 630 MRs)."""
+    refs: dict[str, list[str]] = {}
+    for mr, ref in zip(rows["mr"], rows["ref"]):
+        refs.setdefault(mr, []).append(ref)
+    return GenerationSet(prompts=[prompt.format(mr=mr) for mr in refs], references=list(refs.values()),
+                         metric="e2e", sources=list(refs))
 
 
 def build(cfg: DatasetConfig, tokenizer: Any, seed: int) -> Task:
@@ -96,4 +108,6 @@ def build(cfg: DatasetConfig, tokenizer: Any, seed: int) -> Task:
         collate=partial(collate, pad=pad_id(tokenizer)), validation_splits=["validation"],
         metric_name="loss", greater_is_better=False,
         sample_prompts=list(prompts)[:cfg.num_samples_to_log], raw=raw,
+        generation_sets={split: grouped(raw[split], cfg.prompt) for split in ("validation", "test")},
+        generation=cfg.generation,
     )

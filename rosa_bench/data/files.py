@@ -99,3 +99,24 @@ def pad_id(tokenizer: Any) -> int:
     if pad is None:
         raise UserError(f"tokenizer {type(tokenizer).__name__} has neither a pad nor an eos token")
     return pad
+
+
+def read_json_rows(path: Path, required: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Rows of a JSON array file or a JSON Lines file (`.jsonl`), each holding `required`."""
+    import json
+
+    try:
+        if path.suffix == ".jsonl":
+            with open(path, encoding="utf-8") as handle:
+                rows = [json.loads(line) for line in handle if line.strip()]
+        else:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise malformed(path, err.lineno, f"invalid JSON ({err.msg})") from None
+    if not isinstance(rows, list):
+        raise malformed(path, 1, "expected a JSON array of objects")
+    for number, row in enumerate(rows, 1):
+        absent = [key for key in required if not isinstance(row, dict) or key not in row]
+        if absent:
+            raise malformed(path, number, f"row {number} lacks field(s) {absent}")
+    return rows

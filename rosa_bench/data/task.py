@@ -18,6 +18,18 @@ REGRESSION = "regression"
 
 
 @dataclass
+class GenerationSet:
+    """One split's inputs for scoring generated text: formatted prompts, all references of
+    each prompt (E2E groups references by meaning representation), and the name of the
+    scorer in rosa_bench.metrics.GENERATION_SCORERS ("e2e", "rouge", "gsm8k", "math")."""
+
+    prompts: list[str]
+    references: list[list[str]]
+    metric: str
+    sources: list[str] = field(default_factory=list)  # the unformatted input (MR, question), for files
+
+
+@dataclass
 class Task:
     name: str  # "e2e", "glue/sst2"
     kind: str  # CAUSAL_LM | CLASSIFICATION | REGRESSION
@@ -36,6 +48,10 @@ class Task:
     # causal tasks: raw prompts (already formatted) whose generations are logged as text samples
     sample_prompts: list[str] = field(default_factory=list)
     raw: dict[str, datasets.Dataset] = field(default_factory=dict)  # untokenized rows, same keys
+    # causal tasks scored on generated text: split -> prompts/references/scorer (may hold splits,
+    # such as "test_math", that have no tokenized counterpart), and how to decode them
+    generation_sets: dict[str, GenerationSet] = field(default_factory=dict)
+    generation: Any = None  # config.GenerationConfig
 
     @property
     def is_causal(self) -> bool:

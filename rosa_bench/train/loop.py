@@ -153,6 +153,8 @@ class Trainer:
                 window_start = time.perf_counter()
             if run.logging.eval_every and self.global_step % run.logging.eval_every == 0:
                 self._evaluate()
+            if run.logging.eval_generate_every and self.global_step % run.logging.eval_generate_every == 0:
+                self._evaluate_generation()
             if run.train.save_every and self.global_step % run.train.save_every == 0:
                 self._save_last()
             if self.global_step >= self.total_steps:
@@ -175,6 +177,19 @@ class Trainer:
             self.logger.text("valid/sample", text, self.global_step)
         self.last_scores = {**scores, "_step": self.global_step}
         self._track_best(scores[self.task.validation_splits[0]])
+
+    def _evaluate_generation(self) -> None:
+        """Generation scores (BLEU, ROUGE, accuracy) on the first validation split, with the
+        same code as evaluate.py, so their curves exist during training."""
+        if not (self.task.generation_sets and self.accelerator.is_main_process):
+            return
+        from rosa_bench.evaluate import generation_scores
+
+        split = self.task.validation_splits[0]
+        scores, _, _ = generation_scores(self.accelerator.unwrap_model(self.model), self.tokenizer, self.task,
+                                         split, self.run.logging.eval_generate_max_prompts, progress=False)
+        self.logger.scalars({f"valid/{k}": v for k, v in scores.items() if isinstance(v, float)},
+                            self.global_step)
 
     def _track_best(self, scores: dict[str, float]) -> None:
         value = scores[self.task.metric_name]

@@ -1,0 +1,36 @@
+"""Score a run: `python evaluate.py --run runs/e2e_nlg/<run> [--split test] [--checkpoint best]`.
+
+Writes predictions, references and eval_<split>.json into the run folder and logs the
+scores to its TensorBoard (test/ or valid/). Bad input exits 2 with one line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from rosa_bench.cli import exit_on_user_error
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", required=True, help="run folder (holds config.yaml and checkpoints/)")
+    parser.add_argument("--split", default="test", help="validation, test, ... (the dataset's splits)")
+    parser.add_argument("--checkpoint", default="best", help="best (chosen on validation) or last")
+    parser.add_argument("--max-samples", type=int, default=None,
+                        help="score only the first N inputs (E2E: meaning representations)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser.parse_args(argv)
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    from rosa_bench.evaluate import evaluate_run
+
+    args = parse(argv)
+    result = evaluate_run(args.run, args.split, args.checkpoint, args.max_samples,
+                          progress=not args.no_progress)
+    print(json.dumps(result["scores"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
