@@ -25,7 +25,9 @@ sys.path.insert(0, str(ROOT))
 
 # model -> (batch, seq_len, task kind): the shapes named in the foundation issue
 SHAPES = {"minilm-l6": (32, 64, "classification"), "smollm2-135m": (8, 128, "causal_lm")}
-DEFAULT_METHODS = "full,lora,peft_lora"
+# LoRA's default targets in both models (query/value projections), so rosa is timed on the same layers.
+LORA_TARGETS = r".*\.(q_proj|v_proj|query|value)"
+DEFAULT_METHODS = f"full,lora,peft_lora,rosa:targets={LORA_TARGETS}"
 
 
 def _rss_mb() -> float:
@@ -103,7 +105,7 @@ def add_ratios(rows: list[dict]) -> None:
 
 def table(rows: list[dict]) -> str:
     cols = ["model", "method", "trainable_params", "median_step_s", "tokens_per_s", "peak_mem_mb",
-            "train_mem_mb", "time_vs_full", "time_vs_peft_lora", "mem_vs_full"]
+            "train_mem_mb", "time_vs_full", "time_vs_peft_lora", "time_vs_lora", "mem_vs_full"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = []
@@ -115,14 +117,15 @@ def table(rows: list[dict]) -> str:
 
 
 def parse_methods(spec: str, rank: int) -> list[tuple[str, dict]]:
-    """'lora,rocoft:mode=row' -> [(lora, {rank}), (rocoft, {rank, mode: row})]."""
+    """'lora,rocoft:mode=row' -> [(lora, {rank}), (rocoft, {rank, mode: row})]; targets are
+    '+'-separated patterns."""
     out = []
     for item in spec.split(","):
         name, *opts = item.split(":")
         options = {} if name == "full" else {"rank": rank}
         for opt in opts:
             key, value = opt.split("=", 1)
-            options[key] = value
+            options[key] = value.split("+") if key == "targets" else value
         out.append((name, options))
     return out
 

@@ -9,8 +9,9 @@ from rosa_bench.methods.base import Method, attached_method
 from rosa_bench.methods.full import FullFineTuning
 from rosa_bench.methods.lora import LoRA
 from rosa_bench.methods.peft_lora import PeftLoRA
+from rosa_bench.methods.rosa import ROSA
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (FullFineTuning, LoRA, PeftLoRA)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (FullFineTuning, LoRA, PeftLoRA, ROSA)}
 
 
 def method_names() -> list[str]:

@@ -1,0 +1,181 @@
+"""ROSA, Random Orthogonal Subspace Adaptation (Gamal & Rabusseau, 2024).
+
+Each target weight is split by SVD, W = U diag(s) V^T: r singular directions become the
+trainable factors B A (sqrt(s) folded into each side, so both start equally scaled) and the
+rest stays frozen as the residual. Every `factorize_freq` epochs or steps the update is merged
+back (W <- W + B A) and the weight is split again along a new subspace, so a sequence of rank-r
+updates can add up to a full-rank change at rank-r cost per step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rosa_bench.config import MethodConfig
+from rosa_bench.errors import UserError
+from rosa_bench.methods.base import AdapterLayer, Method, layer_shape
+
+if TYPE_CHECKING:
+    from rosa_bench.train.loop import Trainer
+
+SAMPLE_METHODS = ("random", "top", "bottom")
+FACTORIZE_METHODS = ("equal", "add", "random")
+FACTORIZE_LEVELS = ("epoch", "step")
+
+
+@dataclass
+class RosaConfig(MethodConfig):
+    name: str = "rosa"
+    sample_method: str = "random"  # which singular directions train: random block, top, bottom
+    factorize_method: str = "equal"  # equal: orthogonal split; add: W kept, delta; random: LoRA init
+    factorize_freq: int = 1  # resample every this many epochs/steps; 0: never
+    factorize_level: str = "epoch"  # epoch | step
+
+
+def pick_directions(how: str, rank: int, full: int, generator: torch.Generator) -> torch.Tensor:
+    """Indices of the `rank` singular directions that train: a contiguous block at a random
+    start (as in the paper's code), the largest, or the smallest."""
+    if how == "top":
+        start = 0
+    elif how == "bottom":
+        start = full - rank
+    else:
+        start = int(torch.randint(0, full - rank + 1, (), generator=generator))
+    return torch.arange(start, start + rank)
+
+
+class RosaLayer(AdapterLayer):
+    """y = W_res x + B A x, where W_res + B A is the layer's current full weight."""
+
+    def __init__(self, base_layer: nn.Module, rank: int, dropout: float):
+        super().__init__(base_layer)
+        w = self.weight
+        self.rank = rank
+        # Zero until the first factorize(): the wrapped layer starts as the plain layer.
+        self.rosa_A = nn.Parameter(torch.zeros(rank, self.in_features, dtype=w.dtype, device=w.device))
+        self.rosa_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=w.dtype, device=w.device))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(self.dropout(x), self.rosa_A), self.rosa_B)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.rosa_B @ self.rosa_A
+
+    @torch.no_grad()
+    def factorize(self, how: str, sample: str, generator: torch.Generator) -> None:
+        """Merge B A into W, then split again along a freshly chosen subspace. The parameter
+        tensors are edited in place so the optimizer keeps pointing at them."""
+        self.add_to_weight(self.delta_weight())
+        if how == "random":  # LoRA's init (Kaiming-uniform A, zero B), drawn from our generator
+            a = torch.empty(self.rank, self.in_features)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+            self.rosa_A.copy_(a)
+            self.rosa_B.zero_()
+            return
+        # Reduced SVD (LAPACK gesdd on CPU): exact, and the cheapest way to get every singular
+        # direction, which the random block needs.
+        u, s, vh = torch.linalg.svd(self.weight.float(), full_matrices=False)
+        idx = pick_directions(sample, self.rank, s.numel(), generator).to(s.device)
+        root = s[idx].sqrt()
+        a, b = root[:, None] * vh[idx], u[:, idx] * root
+        self.rosa_A.copy_(a)
+        if how == "equal":
+            self.rosa_B.copy_(b)
+            self.add_to_weight(-(b @ a))
+        else:  # add: W stays whole; B = 0 so the chosen directions start with no effect
+            self.rosa_B.zero_()
+
+
+class ROSA(Method):
+    name = "rosa"
+    config_class = RosaConfig
+    # The paper's targets: attention q/k/v/o for encoders, attention and MLP for decoders.
+    default_targets = {
+        "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "gpt2": ["c_attn", "c_proj", "c_fc"],
+        "bert": ["query", "key", "value", "attention.output.dense"],
+        "roberta": ["query", "key", "value", "attention.output.dense"],
+    }
+
+    def __init__(self, cfg: RosaConfig):
+        super().__init__(cfg)
+        self.seed = 0
+
+    @classmethod
+    def check_config(cls, cfg: RosaConfig) -> None:
+        rank = cfg.rank
+        is_int = isinstance(rank, int) and not isinstance(rank, bool)
+        if not ((is_int and rank >= 1) or (isinstance(rank, float) and 0 < rank < 1)):
+            raise UserError(f"fnmodel.rank={rank!r} must be a positive integer or a float in (0, 1) "
+                            "(a fraction of each layer's full rank) for rosa")
+        for key, choices in (("sample_method", SAMPLE_METHODS), ("factorize_method", FACTORIZE_METHODS),
+                             ("factorize_level", FACTORIZE_LEVELS)):
+            if getattr(cfg, key) not in choices:
+                raise UserError(f"fnmodel.{key}={getattr(cfg, key)!r} is not allowed; "
+                                f"choose one of: {', '.join(choices)}")
+        freq = cfg.factorize_freq
+        if not isinstance(freq, int) or isinstance(freq, bool) or freq < 0:
+            raise UserError(f"fnmodel.factorize_freq={freq!r} must be an integer >= 0 (0: never resample)")
+
+    def rank_for(self, module: nn.Module) -> int:
+        if isinstance(self.cfg.rank, float):
+            return max(1, int(self.cfg.rank * min(layer_shape(module))))
+        return int(self.cfg.rank)
+
+    def make_layer(self, name: str, module: nn.Module) -> RosaLayer:
+        return RosaLayer(module, self.rank_for(module), self.cfg.dropout)
+
+    def apply(self, model: nn.Module, family: str | None = None) -> nn.Module:
+        """Wrap and split. The subspace seed is drawn from torch's global RNG here, so a run
+        seeded with `seed` (pipeline.build) picks the same subspaces when it is rebuilt."""
+        self.seed = int(torch.randint(0, 2**62, ()))
+        model = super().apply(model, family)
+        self.resample(model, count=0)
+        return model
+
+    def resample(self, model: nn.Module, count: int) -> list[nn.Parameter]:
+        """Merge and re-split every ROSA layer along subspaces drawn for resample `count`;
+        returns the re-initialised parameters (whose optimizer state is now stale)."""
+        generator = torch.Generator().manual_seed(self.seed + count)
+        params: list[nn.Parameter] = []
+        for _, layer in self.adapter_layers(model):
+            layer.factorize(self.cfg.factorize_method, self.cfg.sample_method, generator)
+            params += [layer.rosa_A, layer.rosa_B]
+        return params
+
+    def checkpoint_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """ROSA rewrites the frozen weights of the layers it adapts, so they are saved too."""
+        state = super().checkpoint_state(model)
+        for name, layer in self.adapter_layers(model):
+            state[f"{name}.base_layer.weight"] = layer.base_layer.weight.detach()
+        return state
+
+    # ---- trainer hooks --------------------------------------------------------------------------
+    def _resample_during_training(self, trainer: Trainer, count: int) -> None:
+        start = time.perf_counter()
+        params = self.resample(trainer.accelerator.unwrap_model(trainer.model), count)
+        trainer.reset_optimizer_state(params)  # the LR schedule is left as it is
+        trainer.logger.scalar("train/factorize_seconds", time.perf_counter() - start, trainer.global_step)
+
+    def on_epoch_start(self, trainer: Trainer) -> None:
+        """Resample at the start of epochs freq, 2 freq, ...; not when resuming mid-epoch
+        (batches_done > 0), where this epoch's resample already happened before the save."""
+        freq = self.cfg.factorize_freq
+        if (self.cfg.factorize_level == "epoch" and freq and trainer.batches_done == 0
+                and trainer.epoch > 0 and trainer.epoch % freq == 0):
+            self._resample_during_training(trainer, trainer.epoch // freq)
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        """Resample after optimizer steps freq, 2 freq, ... (not after the last one)."""
+        freq, step = self.cfg.factorize_freq, trainer.global_step
+        if (self.cfg.factorize_level == "step" and freq and step % freq == 0
+                and step < trainer.total_steps):
+            self._resample_during_training(trainer, step // freq)
