@@ -41,7 +41,8 @@ def check_merge_keeps_outputs(model: nn.Module, family: str) -> None:
     merged = rosa_bench.merge(model)
     torch.testing.assert_close(logits(merged), before, atol=1e-5, rtol=1e-5)
     assert not any(isinstance(m, AdapterLayer) for m in merged.modules())
-    assert sorted(n for n, _ in merged.named_parameters()) == sorted(n for n, _ in tiny(family).named_parameters())
+    names = sorted(n for n, _ in merged.named_parameters())
+    assert names == sorted(n for n, _ in tiny(family).named_parameters())
 
 
 def check_round_trip(family: str, make: Callable[[int], nn.Module], marker: str) -> None:

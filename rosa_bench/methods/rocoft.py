@@ -138,7 +138,8 @@ class RoCoFT(Method):
         """Choose every layer's rows/columns by the prune score over `batches` (dicts of model
         inputs), run through the whole model in eval mode; resets the updates to zero."""
         layers = [layer for _, layer in self.adapter_layers(model)]
-        sums = {layer: torch.zeros(self._size(layer.base_layer), device=layer.weight.device) for layer in layers}
+        sums = {layer: torch.zeros(self._size(layer.base_layer), device=layer.weight.device)
+                for layer in layers}
         mask: list[torch.Tensor | None] = [None]
 
         def hook(layer: RoCoFTLayer):
