@@ -146,3 +146,22 @@ def test_config_composes_with_paper_defaults():
     assert (run.fnmodel.init, run.fnmodel.r_init_std, run.fnmodel.svd) == ("svd", 1e-5, "exact")
     model = rosa_bench.apply(copy.deepcopy(tiny("llama")), "loraxs", rank=2, targets=["q_proj"])
     assert len(layers(model)) == 2
+
+
+@pytest.mark.slow
+def test_real_minilm_paper_targets_counts_and_merge():
+    from rosa_bench.models import load_model, resolve_model_config
+
+    cfg = resolve_model_config(composed(["model=minilm-l6"]).model, "minilm-l6")
+    base, _, _ = load_model(cfg, "classification", num_labels=2)
+    ids = torch.randint(100, 1000, (2, 16))
+    with torch.no_grad():
+        ref = base(input_ids=ids).logits
+        model = rosa_bench.apply(copy.deepcopy(base), "loraxs", rank=8, r_init_std=0.0)
+        torch.testing.assert_close(model(input_ids=ids).logits, ref, atol=0, rtol=0)
+        assert trainable_parameter_count(model) == 6 * 4 * 8 ** 2 + (384 * 2 + 2)
+        randomize(model, "lora_xs_R", scale=1e-3)
+        wrapped = model(input_ids=ids).logits
+        assert (wrapped - ref).abs().max() > 1e-4
+        merged = rosa_bench.merge(model)(input_ids=ids).logits
+        torch.testing.assert_close(merged, wrapped, atol=1e-5, rtol=1e-4)

@@ -160,7 +160,10 @@ def test_prune_scores_come_from_a_real_forward_of_the_whole_model(mode):
     model = rosa_bench.apply(tiny("llama"), "rocoft", rank=3, mode=mode, select="prune")
     target = model.model.layers[1].mlp.down_proj  # deep: its input depends on every layer before
     seen = []
-    record = lambda m, a, o: seen.append(o if mode == "row" else a[0])  # noqa: E731
+
+    def record(module, args, output):
+        seen.append(output if mode == "row" else args[0])
+
     handle = target.base_layer.register_forward_hook(record)
     batches = [inputs(), {**inputs(), "input_ids": inputs()["input_ids"].flip(0)}]
     attached_method(model).calibrate(model, batches)
@@ -223,3 +226,17 @@ def test_bad_options_are_clear_errors():
         composed(["fnmodel=rocoft", "fnmodel.calib_batches=0"])
     with pytest.raises(UserError, match=r"dropout=0.1: rocoft has no dropout"):
         rosa_bench.apply(tiny("llama"), "rocoft", dropout=0.1)
+
+
+@pytest.mark.slow
+def test_real_minilm_prune_calibrates_on_real_sst2_rows(tmp_path):
+    overrides = ["model=minilm-l6", "dataset=glue", "dataset.task=sst2", "fnmodel=rocoft",
+                 "fnmodel.select=prune", "fnmodel.calib_batches=2", "fnmodel.mode=column",
+                 "dataset.max_train_samples=16", "dataset.max_eval_samples=8", "train.batch_size=8",
+                 "train.max_steps=1", "logging.progress=false", f"output.path={tmp_path}"]
+    folder = train(composed(overrides), overrides[:-1])
+    saved = load_file(str(folder / "checkpoints/last/model.safetensors"))
+    indices = [v.item() for k, v in saved.items() if k.endswith("rocoft_index")]
+    assert len(indices) == 6 * 6 and len(set(indices)) > 1  # one column per projection, not all the first
+    metrics = rosa_bench.runs.read_metrics(folder)
+    assert metrics["trainable_params"] == 6 * (3 * 384 + 384 + 1536 + 384) + (384 * 2 + 2)

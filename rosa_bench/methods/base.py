@@ -16,7 +16,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from rosa_bench.config import MethodConfig
-from rosa_bench.errors import UserError
+from rosa_bench.errors import UserError, choices_error
 
 if TYPE_CHECKING:
     from rosa_bench.train.loop import Trainer
@@ -88,6 +88,13 @@ def truncated_svd(weight: torch.Tensor, rank: int, randomized: bool = False,
         return u[:, :rank], s[:rank], v[:, :rank].T
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     return u[:, :rank], s[:rank], vh[:rank]
+
+
+def check_choices(cfg: MethodConfig, **choices: tuple[str, ...]) -> None:
+    """Each named option `fnmodel.<key>` must be one of its choices (raises UserError)."""
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed:
+            raise choices_error(f"fnmodel.{key}", getattr(cfg, key), allowed)
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

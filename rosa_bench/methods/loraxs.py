@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rosa_bench.config import MethodConfig
-from rosa_bench.errors import UserError, choices_error
-from rosa_bench.methods.base import ALL_PROJECTIONS, AdapterLayer, Method, truncated_svd
+from rosa_bench.errors import UserError
+from rosa_bench.methods.base import ALL_PROJECTIONS, AdapterLayer, Method, check_choices, truncated_svd
 
 INITS = ("svd", "random")
 SVD_KINDS = ("exact", "randomized")
@@ -81,10 +81,7 @@ class LoraXS(Method):
     @classmethod
     def check_config(cls, cfg: LoraXSConfig) -> None:
         super().check_config(cfg)
-        if cfg.init not in INITS:
-            raise choices_error("fnmodel.init", cfg.init, INITS)
-        if cfg.svd not in SVD_KINDS:
-            raise choices_error("fnmodel.svd", cfg.svd, SVD_KINDS)
+        check_choices(cfg, init=INITS, svd=SVD_KINDS)
         if cfg.r_init_std < 0:
             raise UserError(f"fnmodel.r_init_std={cfg.r_init_std!r} must be >= 0")
         if cfg.svd_niter < 0:

@@ -28,8 +28,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from rosa_bench.config import MethodConfig
-from rosa_bench.errors import UserError, choices_error
-from rosa_bench.methods.base import ALL_PROJECTIONS, AdapterLayer, Method, layer_shape
+from rosa_bench.errors import UserError
+from rosa_bench.methods.base import ALL_PROJECTIONS, AdapterLayer, Method, check_choices, layer_shape
 
 if TYPE_CHECKING:
     from rosa_bench.train.loop import Trainer
@@ -103,10 +103,7 @@ class RoCoFT(Method):
     @classmethod
     def check_config(cls, cfg: RoCoFTConfig) -> None:
         super().check_config(cfg)
-        if cfg.mode not in MODES:
-            raise choices_error("fnmodel.mode", cfg.mode, MODES)
-        if cfg.select not in SELECTIONS:
-            raise choices_error("fnmodel.select", cfg.select, SELECTIONS)
+        check_choices(cfg, mode=MODES, select=SELECTIONS)
         if cfg.calib_batches < 1:
             raise UserError(f"fnmodel.calib_batches={cfg.calib_batches!r} must be > 0")
         if cfg.dropout:
