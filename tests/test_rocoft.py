@@ -58,6 +58,17 @@ def test_update_touches_only_the_selected_rows_or_columns(mode, conv1d):
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_bf16_autocast_training_step(mode):
+    model = rosa_bench.apply(tiny("llama"), "rocoft", rank=2, mode=mode).train()
+    randomize(model, "rocoft_delta")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**inputs(), labels=inputs()["input_ids"])
+    out.loss.backward()
+    torch.testing.assert_close(out.logits.float(), logits(model.eval()), atol=0.1, rtol=0.05)
+    assert all(m.rocoft_delta.grad.abs().sum() > 0 for m in layers(model))
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_merge_keeps_outputs(family, mode):
     model = rosa_bench.apply(tiny(family), "rocoft", rank=2, mode=mode, select="random")

@@ -60,11 +60,12 @@ class RoCoFTLayer(AdapterLayer):
         self.needs_calibration = False  # set for select=prune until indices are chosen
 
     def _add_update(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """y += the update of x, in place (no (out, in) weight is ever formed)."""
+        """y += the update of x, in place (no (out, in) weight is ever formed). Operands take
+        y's dtype, since in-place ops are outside autocast's reach."""
         if self.mode == "row":
-            return y.index_add_(-1, self.rocoft_index, F.linear(x, self.rocoft_delta))
-        cols = x.index_select(-1, self.rocoft_index)
-        y.view(-1, self.out_features).addmm_(cols.reshape(-1, cols.shape[-1]), self.rocoft_delta.T)
+            return y.index_add_(-1, self.rocoft_index, F.linear(x, self.rocoft_delta).to(y.dtype))
+        cols = x.index_select(-1, self.rocoft_index).reshape(-1, len(self.rocoft_index))
+        y.view(-1, self.out_features).addmm_(cols.to(y.dtype), self.rocoft_delta.T.to(y.dtype))
         return y
 
     def update(self, x: torch.Tensor) -> torch.Tensor:
