@@ -2,6 +2,10 @@
 
     python benchmarks/step_time.py                      # minilm-l6 32x64, smollm2-135m 8x128
     python benchmarks/step_time.py --models minilm-l6 --methods full,lora --steps 5
+    python benchmarks/step_time.py --methods lora,rocoft:mode=row --targets default
+
+Every method adapts the same layers (`--targets same`: LoRA's query/value choice) unless
+`--targets default` (each method's paper default) or a list of patterns is given.
 
 Each (model, method) runs in a fresh child process, so its peak memory is its own: on CUDA
 the allocator's peak, on CPU the child's peak resident memory (and the part added by
@@ -25,9 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 # model -> (batch, seq_len, task kind): the shapes named in the foundation issue
 SHAPES = {"minilm-l6": (32, 64, "classification"), "smollm2-135m": (8, 128, "causal_lm")}
-# LoRA's default targets in both models (query/value projections), so rosa is timed on the same layers.
-LORA_TARGETS = r".*\.(q_proj|v_proj|query|value)"
-DEFAULT_METHODS = f"full,lora,peft_lora,rosa:targets={LORA_TARGETS}"
+DEFAULT_METHODS = "full,lora,peft_lora,rosa,loraxs,rocoft:mode=row,rocoft:mode=column"
 
 
 def _rss_mb() -> float:
@@ -47,8 +49,9 @@ def measure(model_name: str, method: str, options: dict, steps: int, warmup: int
     torch.manual_seed(0)
     batch, seq, kind = SHAPES[model_name]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, _, family = load_model(resolve_model_config(ModelConfig(name="auto"), model_name), kind,
+    model, _, family = load_model(resolve_model_config(ModelConfig(), model_name), kind,
                                   num_labels=2 if kind == "classification" else None)
+    options = resolve_targets(options, family)
     cfg = method_class(method).config_class(name=method, **options)
     model = build_method(cfg).apply(model, family).to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -73,7 +76,7 @@ def measure(model_name: str, method: str, options: dict, steps: int, warmup: int
             times.append(time.perf_counter() - start)
     median = statistics.median(times)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _rss_mb()
-    return {"model": model_name, "method": method, "options": options,
+    return {"model": model_name, "method": method, "label": label(method, options), "options": options,
             "trainable_params": trainable_parameter_count(model),
             "median_step_s": median, "min_step_s": min(times), "tokens_per_s": batch * seq / median,
             "peak_mem_mb": peak, "train_mem_mb": peak - (0 if device.type == "cuda" else loaded_mb),
@@ -94,9 +97,26 @@ def run_isolated(*args) -> dict:
     return result
 
 
+def resolve_targets(options: dict, family: str) -> dict:
+    """--targets 'same' -> LoRA's choice for this family; 'default' -> the method's own."""
+    from rosa_bench.methods.base import Method
+
+    if options.get("targets") == ["same"]:
+        return {**options, "targets": list(Method.default_targets[family])}
+    if options.get("targets") == ["default"]:
+        return {k: v for k, v in options.items() if k != "targets"}
+    return options
+
+
+def label(method: str, options: dict) -> str:
+    """'rocoft' + {mode: row, rank: 8} -> 'rocoft:mode=row' (rank and targets are per run)."""
+    extra = [f"{k}={v}" for k, v in options.items() if k not in ("rank", "targets")]
+    return ":".join([method, *extra])
+
+
 def add_ratios(rows: list[dict]) -> None:
     for row in rows:
-        same_model = {r["method"]: r for r in rows if r["model"] == row["model"]}
+        same_model = {r["label"]: r for r in rows if r["model"] == row["model"]}
         for ref in ("full", "peft_lora", "lora"):
             if ref in same_model:
                 row[f"time_vs_{ref}"] = row["median_step_s"] / same_model[ref]["median_step_s"]
@@ -104,7 +124,7 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    cols = ["model", "method", "trainable_params", "median_step_s", "tokens_per_s", "peak_mem_mb",
+    cols = ["model", "label", "trainable_params", "median_step_s", "tokens_per_s", "peak_mem_mb",
             "train_mem_mb", "time_vs_full", "time_vs_peft_lora", "time_vs_lora", "mem_vs_full"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
@@ -116,13 +136,13 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def parse_methods(spec: str, rank: int) -> list[tuple[str, dict]]:
-    """'lora,rocoft:mode=row' -> [(lora, {rank}), (rocoft, {rank, mode: row})]; targets are
-    '+'-separated patterns."""
+def parse_methods(spec: str, rank: int, targets: list[str] | None = None) -> list[tuple[str, dict]]:
+    """'lora,rocoft:mode=row' -> [(lora, {rank}), (rocoft, {rank, mode: row})]; per-method targets
+    are '+'-separated patterns (`rosa:targets=.*query+.*value`)."""
     out = []
     for item in spec.split(","):
         name, *opts = item.split(":")
-        options = {} if name == "full" else {"rank": rank}
+        options = {} if name == "full" else {"rank": rank} | ({"targets": targets} if targets else {})
         for opt in opts:
             key, value = opt.split("=", 1)
             options[key] = value.split("+") if key == "targets" else value
@@ -137,6 +157,9 @@ def main() -> None:
     parser.add_argument("--methods", default=DEFAULT_METHODS,
                         help="comma list; per-method options as name:key=value")
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--targets", nargs="+", default=["same"],
+                        help="'same' (LoRA's query/value for every method), 'default' (each "
+                             "method's own), or module-name patterns")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
@@ -144,15 +167,19 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for model_name in args.models.split(","):
-        for method, options in parse_methods(args.methods, args.rank):
+        for method, options in parse_methods(args.methods, args.rank, args.targets):
             print(f"measuring {model_name} / {method} {options or ''} ...", flush=True)
             rows.append(run_isolated(model_name, method, options, args.steps, args.warmup, args.threads))
     add_ratios(rows)
     print(table(rows))
-    out = Path(args.out)
+    save_json(Path(args.out), rows, steps=args.steps, warmup=args.warmup)
+
+
+def save_json(out: Path, rows: list[dict], **meta) -> None:
+    """Write the rows with the machine they were measured on (shared by the benchmarks)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": platform.platform(), "python": sys.version.split()[0],
-                               "steps": args.steps, "warmup": args.warmup, "rows": rows}, indent=2))
+    out.write_text(json.dumps({"machine": platform.platform(), "python": sys.version.split()[0], **meta,
+                               "rows": rows}, indent=2))
     print(f"saved {out}")
 
 

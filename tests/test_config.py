@@ -58,7 +58,7 @@ def test_unknown_hub_model_name_stays_a_hub_id():
 
 
 @pytest.mark.parametrize("arg,pattern", [
-    ("fnmodel.name=nope", r"unknown fnmodel.*'nope'.*full, lora, peft_lora"),
+    ("fnmodel.name=nope", r"unknown fnmodel.*'nope'.*full, lora, .*peft_lora"),
     ("fnmodel=nope", r"unknown fnmodel.*'nope'.*full, lora"),
     ("dataset.name=imdb", r"unknown dataset.*'imdb'.*e2e, eli5, glue"),
 ])

@@ -8,10 +8,14 @@ from rosa_bench.errors import choices_error
 from rosa_bench.methods.base import Method, attached_method
 from rosa_bench.methods.full import FullFineTuning
 from rosa_bench.methods.lora import LoRA
+from rosa_bench.methods.loraxs import LoraXS
 from rosa_bench.methods.peft_lora import PeftLoRA
+from rosa_bench.methods.rocoft import RoCoFT
 from rosa_bench.methods.rosa import ROSA
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (FullFineTuning, LoRA, PeftLoRA, ROSA)}
+METHODS: dict[str, type[Method]] = {
+    m.name: m for m in (FullFineTuning, LoRA, PeftLoRA, ROSA, LoraXS, RoCoFT)
+}
 
 
 def method_names() -> list[str]:

@@ -16,7 +16,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from rosa_bench.config import MethodConfig
-from rosa_bench.errors import UserError
+from rosa_bench.errors import UserError, choices_error
 
 if TYPE_CHECKING:
     from rosa_bench.train.loop import Trainer
@@ -26,6 +26,13 @@ HEAD_NAMES = ("classifier", "score")
 FAMILY_OF_MODEL_TYPE = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "llama",
                         "bert": "bert", "roberta": "roberta"}
 METHOD_ATTR = "_rosa_bench_method"
+# Every attention and MLP projection per family, for methods whose papers adapt all of them.
+ALL_PROJECTIONS: dict[str, list[str]] = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt2": ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"],
+    "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+}
 
 
 def model_family(model: nn.Module) -> str:
@@ -68,6 +75,26 @@ def find_targets(model: nn.Module, patterns: list[str]) -> list[str]:
                             f"layer names in this model: {', '.join(leaf_names)}")
         matched.extend(h for h in hits if h not in matched)
     return sorted(matched, key=[n for n, _ in model.named_modules()].index)
+
+
+@torch.no_grad()
+def truncated_svd(weight: torch.Tensor, rank: int, randomized: bool = False,
+                  niter: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-`rank` singular triplets (U (out, r), S (r,), Vh (r, in)) in float32, whatever the
+    weight's dtype. `randomized` (Halko et al.) avoids the full SVD of large matrices."""
+    w = weight.detach().float()
+    if randomized:
+        u, s, v = torch.svd_lowrank(w, q=min(rank + 10, *w.shape), niter=niter)
+        return u[:, :rank], s[:rank], v[:, :rank].T
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    return u[:, :rank], s[:rank], vh[:rank]
+
+
+def check_choices(cfg: MethodConfig, **choices: tuple[str, ...]) -> None:
+    """Each named option `fnmodel.<key>` must be one of its choices (raises UserError)."""
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed:
+            raise choices_error(f"fnmodel.{key}", getattr(cfg, key), allowed)
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -197,8 +224,10 @@ class Method:
     # ---- state -----------------------------------------------------------------------------
     def checkpoint_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Tensors a checkpoint must hold to restore the trained model on top of the base
-        model: the trainable parameters (methods that edit frozen weights add those)."""
-        return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        model: the trainable parameters and the adapters' own persistent buffers (frozen
+        factors, chosen indices); methods that edit frozen weights add those."""
+        state = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        return state | adapter_buffers(model)
 
     def load_checkpoint_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         own = dict(model.named_parameters()) | dict(model.named_buffers())
@@ -218,6 +247,17 @@ class Method:
 
     def on_step_end(self, trainer: Trainer) -> None:
         """Called after each optimizer step."""
+
+
+def adapter_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Persistent buffers that adapter layers own (not their base layer's), by full name."""
+    found = {}
+    for prefix, layer in model.named_modules():
+        if isinstance(layer, AdapterLayer):
+            for name, buf in layer.named_buffers(recurse=False):
+                if name not in layer._non_persistent_buffers_set:
+                    found[f"{prefix}.{name}" if prefix else name] = buf.detach()
+    return found
 
 
 def trainable_parameter_count(model: nn.Module) -> int:

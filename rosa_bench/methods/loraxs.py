@@ -1,0 +1,91 @@
+"""LoRA-XS (Bałazy et al., 2024): y = W x + (alpha / r) B R A x with B = U_r and A = S_r V_r^T
+from the truncated SVD of W, both frozen; only the r x r matrix R trains (r^2 per layer).
+
+`init=random` replaces the SVD factors by frozen Kaiming-uniform ones (the paper's ablation).
+R starts at N(0, r_init_std^2), so the function changes by at most the init scale at step 0
+(exactly nothing with r_init_std=0). The frozen factors are persistent buffers: checkpoints
+hold them, so a reload does not depend on recomputing the SVD bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rosa_bench.config import MethodConfig
+from rosa_bench.errors import UserError
+from rosa_bench.methods.base import ALL_PROJECTIONS, AdapterLayer, Method, check_choices, truncated_svd
+
+INITS = ("svd", "random")
+SVD_KINDS = ("exact", "randomized")
+
+
+@dataclass
+class LoraXSConfig(MethodConfig):
+    name: str = "loraxs"
+    init: str = "svd"  # svd: B, A from the SVD of W | random: frozen Kaiming-uniform B, A
+    r_init_std: float = 1e-5  # R ~ N(0, std^2); 0 makes the step-0 function exact
+    svd: str = "exact"  # exact | randomized (faster on large matrices)
+    svd_niter: int = 4  # power iterations of the randomized SVD
+
+
+def frozen_factors(weight: torch.Tensor, rank: int, cfg: LoraXSConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B (out, r), A (r, in)) in the weight's dtype and device."""
+    if cfg.init == "svd":
+        u, s, vh = truncated_svd(weight, rank, randomized=cfg.svd == "randomized", niter=cfg.svd_niter)
+        b, a = u, s[:, None] * vh
+    else:
+        b = torch.empty(weight.shape[0], rank, device=weight.device)
+        a = torch.empty(rank, weight.shape[1], device=weight.device)
+        nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+    return b.to(weight.dtype).contiguous(), a.to(weight.dtype).contiguous()
+
+
+class LoraXSLayer(AdapterLayer):
+    def __init__(self, base_layer: nn.Module, rank: int, cfg: LoraXSConfig):
+        super().__init__(base_layer)
+        b, a = frozen_factors(self.weight, rank, cfg)
+        self.register_buffer("lora_xs_B", b)
+        self.register_buffer("lora_xs_A", a)
+        self.lora_xs_R = nn.Parameter(torch.empty(rank, rank, dtype=b.dtype, device=b.device))
+        nn.init.normal_(self.lora_xs_R, std=cfg.r_init_std)
+        self.scaling = cfg.alpha / rank
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        # Three thin products (in -> r -> r -> out): no r x in or out x r weight gradient.
+        h = F.linear(F.linear(self.dropout(x), self.lora_xs_A), self.lora_xs_R)
+        return F.linear(h, self.lora_xs_B) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_xs_B @ self.lora_xs_R @ self.lora_xs_A) * self.scaling
+
+
+class LoraXS(Method):
+    name = "loraxs"
+    config_class = LoraXSConfig
+    # The paper: RoBERTa query, value, attention output and FFN output ('output.dense' also
+    # matches 'attention.output.dense'); every projection of Llama-family models.
+    default_targets = {
+        "llama": ALL_PROJECTIONS["llama"],
+        "gpt2": ["c_attn", "attn.c_proj", "mlp.c_proj"],
+        "bert": ["query", "value", "attention.output.dense", "output.dense"],
+        "roberta": ["query", "value", "attention.output.dense", "output.dense"],
+    }
+
+    @classmethod
+    def check_config(cls, cfg: LoraXSConfig) -> None:
+        super().check_config(cfg)
+        check_choices(cfg, init=INITS, svd=SVD_KINDS)
+        if cfg.r_init_std < 0:
+            raise UserError(f"fnmodel.r_init_std={cfg.r_init_std!r} must be >= 0")
+        if cfg.svd_niter < 0:
+            raise UserError(f"fnmodel.svd_niter={cfg.svd_niter!r} must be >= 0")
+
+    def make_layer(self, name: str, module: nn.Module) -> LoraXSLayer:
+        return LoraXSLayer(module, self.rank_for(module), self.cfg)

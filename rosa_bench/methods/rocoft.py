@@ -1,0 +1,190 @@
+"""RoCoFT (Kowsher et al., 2024): train k rows (mode=row) or k columns (mode=column) of each
+target weight, W = W0 + R with R non-zero only on those rows/columns; k = fnmodel.rank.
+
+The update is one thin extra product added into the base output in place (row: x R^T
+scattered into the k selected outputs; column: x[..., cols] R^T), never a rebuilt (out, in)
+weight; merge() folds R into W. Biases stay frozen unless fnmodel.train_bias, so counts are
+k * in (rows) or k * out (columns) per layer, as the paper counts them.
+
+Which rows/columns (fnmodel.select): `first`, `random`, or `prune`: a Wanda-style score, the
+row's (column's) weight L1 norm times the L2 norm over calibration tokens of the matching
+output (input) feature, from real activations captured by forward hooks while whole batches
+run through the model. Parameter shapes do not depend on which indices are chosen, so the
+layers are built at apply() with a placeholder and the trainer's `on_train_start` picks the
+indices before the first step; from Python, call `attached_method(model).calibrate(model,
+batches)` before training.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from rosa_bench.config import MethodConfig
+from rosa_bench.errors import UserError
+from rosa_bench.methods.base import ALL_PROJECTIONS, AdapterLayer, Method, check_choices, layer_shape
+
+if TYPE_CHECKING:
+    from rosa_bench.train.loop import Trainer
+
+MODES = ("row", "column")
+SELECTIONS = ("first", "random", "prune")
+
+
+@dataclass
+class RoCoFTConfig(MethodConfig):
+    name: str = "rocoft"
+    rank: Any = 1  # k rows or columns per target weight
+    mode: str = "row"  # row | column
+    select: str = "first"  # first | random | prune
+    select_largest: bool = True  # prune: keep the k highest scores (false: the k lowest)
+    calib_batches: int = 8  # prune: training batches run through the model to score
+    train_bias: bool = False  # also train the target layers' biases (off: the paper's counts)
+
+
+class RoCoFTLayer(AdapterLayer):
+    def __init__(self, base_layer: nn.Module, mode: str, index: torch.Tensor):
+        super().__init__(base_layer)
+        self.mode = mode
+        w = self.weight
+        shape = (len(index), self.in_features) if mode == "row" else (self.out_features, len(index))
+        self.register_buffer("rocoft_index", index.to(w.device))
+        self.rocoft_delta = nn.Parameter(torch.zeros(shape, dtype=w.dtype, device=w.device))
+        self.needs_calibration = False  # set for select=prune until indices are chosen
+
+    def _add_update(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """y += the update of x, in place (no (out, in) weight is ever formed). Operands take
+        y's dtype, since in-place ops are outside autocast's reach."""
+        if self.mode == "row":
+            return y.index_add_(-1, self.rocoft_index, F.linear(x, self.rocoft_delta).to(y.dtype))
+        cols = x.index_select(-1, self.rocoft_index).reshape(-1, len(self.rocoft_index))
+        y.view(-1, self.out_features).addmm_(cols.to(y.dtype), self.rocoft_delta.T.to(y.dtype))
+        return y
+
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        return self._add_update(x.new_zeros(*x.shape[:-1], self.out_features), x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.needs_calibration and self.training:
+            raise UserError("rocoft select=prune: call attached_method(model).calibrate(model, batches) "
+                            "before training (the trainer does this itself)")
+        return self._add_update(self.base_layer(x), x)
+
+    def delta_weight(self) -> torch.Tensor:
+        dim = 0 if self.mode == "row" else 1
+        return torch.zeros_like(self.weight).index_add_(dim, self.rocoft_index, self.rocoft_delta)
+
+    @torch.no_grad()
+    def select(self, index: torch.Tensor) -> None:
+        """Adopt new rows/columns; the update restarts at zero, so the function is unchanged."""
+        self.rocoft_index.copy_(index)
+        self.rocoft_delta.zero_()
+        self.needs_calibration = False
+
+
+def prune_scores(weight: torch.Tensor, feature_sq_sums: torch.Tensor, mode: str) -> torch.Tensor:
+    """Row (column) L1 norm of `weight` (out, in) times the L2 norm of the matching output
+    (input) feature; `feature_sq_sums` holds that feature's squared sum over tokens."""
+    l1 = weight.float().abs().sum(dim=1 if mode == "row" else 0)
+    return l1 * feature_sq_sums.sqrt()
+
+
+class RoCoFT(Method):
+    name = "rocoft"
+    config_class = RoCoFTConfig
+    default_targets = ALL_PROJECTIONS  # the paper adapts every attention and FFN projection
+
+    @classmethod
+    def check_config(cls, cfg: RoCoFTConfig) -> None:
+        super().check_config(cfg)
+        check_choices(cfg, mode=MODES, select=SELECTIONS)
+        if cfg.calib_batches < 1:
+            raise UserError(f"fnmodel.calib_batches={cfg.calib_batches!r} must be > 0")
+        if cfg.dropout:
+            raise UserError(f"fnmodel.dropout={cfg.dropout!r}: rocoft has no dropout; set it to 0")
+
+    def _size(self, module: nn.Module) -> int:
+        """How many rows (columns) the layer has to choose from."""
+        out_f, in_f = layer_shape(module)
+        return out_f if self.cfg.mode == "row" else in_f
+
+    def check_layer(self, name: str, module: nn.Module) -> None:
+        size = self._size(module)
+        if self.cfg.rank > size:
+            raise UserError(f"fnmodel.rank={self.cfg.rank} is larger than layer {name} allows "
+                            f"({self.cfg.mode} mode: at most {size} {self.cfg.mode}s)")
+
+    def make_layer(self, name: str, module: nn.Module) -> RoCoFTLayer:
+        size, k = self._size(module), self.rank_for(module)
+        index = torch.randperm(size)[:k].sort().values if self.cfg.select == "random" else torch.arange(k)
+        layer = RoCoFTLayer(module, self.cfg.mode, index)
+        layer.needs_calibration = self.cfg.select == "prune"
+        if self.cfg.train_bias and getattr(module, "bias", None) is not None:
+            module.bias.requires_grad_(True)
+        return layer
+
+    # ---- prune selection ----------------------------------------------------------------------
+    @torch.no_grad()
+    def calibrate(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> None:
+        """Choose every layer's rows/columns by the prune score over `batches` (dicts of model
+        inputs), run through the whole model in eval mode; resets the updates to zero."""
+        layers = [layer for _, layer in self.adapter_layers(model)]
+        sums = {layer: torch.zeros(self._size(layer.base_layer), device=layer.weight.device)
+                for layer in layers}
+        mask: list[torch.Tensor | None] = [None]
+
+        def hook(layer: RoCoFTLayer):
+            def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+                feats = output if self.cfg.mode == "row" else args[0]
+                m = mask[0]
+                feats = feats[m] if m is not None and m.shape == feats.shape[:-1] else feats
+                sums[layer] += feats.reshape(-1, feats.shape[-1]).float().pow(2).sum(0)
+            return record
+
+        handles = [layer.base_layer.register_forward_hook(hook(layer)) for layer in layers]
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        seen = 0
+        try:
+            for batch in batches:
+                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                attention = batch.get("attention_mask")
+                mask[0] = attention.bool() if attention is not None else None  # skip padding tokens
+                model(**batch)
+                seen += 1
+        finally:
+            for handle in handles:
+                handle.remove()
+            model.train(was_training)
+        if not seen:
+            raise UserError("rocoft select=prune: calibration got no batches")
+        for layer in layers:
+            scores = prune_scores(layer.weight, sums[layer], self.cfg.mode)
+            chosen = scores.topk(len(layer.rocoft_index), largest=self.cfg.select_largest).indices
+            layer.select(chosen.sort().values)
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        """select=prune: score on the first `calib_batches` shuffled training batches (seeded).
+        A resumed run (step > 0) keeps the indices its checkpoint restored."""
+        if self.cfg.select != "prune" or trainer.global_step > 0:
+            return
+        loader = DataLoader(trainer.task.splits["train"], batch_size=trainer.run.train.batch_size,
+                            shuffle=True, collate_fn=trainer.task.collate,
+                            generator=torch.Generator().manual_seed(trainer.run.seed))
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        self.calibrate(model, itertools.islice(loader, self.cfg.calib_batches))
+        trainer.reset_optimizer_state([layer.rocoft_delta for _, layer in self.adapter_layers(model)])
+
+    def load_checkpoint_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Restored indices count as chosen: a reloaded prune run needs no calibration."""
+        super().load_checkpoint_state(model, state)
+        for _, layer in self.adapter_layers(model):
+            layer.needs_calibration = False
