@@ -16,11 +16,11 @@ from types import ModuleType
 from typing import Any
 
 from rosa_bench.config import DatasetConfig
-from rosa_bench.data import e2e, glue
+from rosa_bench.data import dolly, e2e, glue
 from rosa_bench.data.task import Task
 from rosa_bench.errors import UserError, choices_error
 
-DATASETS: dict[str, ModuleType] = {"e2e": e2e, "glue": glue}
+DATASETS: dict[str, ModuleType] = {"e2e": e2e, "glue": glue, "dolly": dolly}
 
 
 def dataset_names() -> list[str]:

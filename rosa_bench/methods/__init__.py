@@ -6,11 +6,12 @@ from __future__ import annotations
 from rosa_bench.config import MethodConfig
 from rosa_bench.errors import choices_error
 from rosa_bench.methods.base import Method, attached_method
+from rosa_bench.methods.cola import ColA
 from rosa_bench.methods.full import FullFineTuning
 from rosa_bench.methods.lora import LoRA
 from rosa_bench.methods.peft_lora import PeftLoRA
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (FullFineTuning, LoRA, PeftLoRA)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (FullFineTuning, LoRA, PeftLoRA, ColA)}
 
 
 def method_names() -> list[str]:
