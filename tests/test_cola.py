@@ -240,3 +240,27 @@ def test_other_methods_ignore_the_user_field():
     model = rosa_bench.apply(tiny("llama"), "lora", rank=4)
     with torch.no_grad():
         torch.testing.assert_close(model(**batch(0, users=[1, 2, 3])).logits, model(**batch(0)).logits)
+
+
+@pytest.mark.parametrize("collab", ["alone", "col"])
+def test_trainer_fits_each_users_adapters_on_dolly(tmp_path, collab):
+    from safetensors.torch import load_file
+
+    from rosa_bench import runs
+    from rosa_bench.pipeline import train
+    from tests.test_config import composed
+
+    overrides = ["model=tiny-llama", "dataset=dolly", "dataset.max_train_samples=8",
+                 "dataset.max_eval_samples=4", "dataset.max_length=256", "fnmodel=cola", "fnmodel.users=8",
+                 f"fnmodel.collab={collab}", "fnmodel.adapter='lowrank~linear'", "train.batch_size=4",
+                 "train.max_steps=2", "train.lr=0.01", "logging.sample_max_new_tokens=2",
+                 "logging.progress=false"]
+    folder = train(composed([*overrides, f"output.path={tmp_path}"]), overrides)
+    metrics = runs.read_metrics(folder)
+    assert metrics["complete"] and metrics["global_step"] == 2 and metrics["method"] == "cola"
+    state = load_file(folder / "checkpoints" / "last" / "model.safetensors")
+    assert state and all(".cola." in k for k in state)  # adapters only: the backbone is untouched
+    moved = {k.split(".cola.")[1].split(".")[0] for k, v in state.items()
+             if k.endswith((".B", ".weight")) and v.abs().sum() > 0}
+    assert moved and moved <= {str(u) for u in range(8)}
+    assert metrics["trainable_params"] == sum(v.numel() for v in state.values())

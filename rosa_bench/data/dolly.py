@@ -5,7 +5,8 @@ the response tokens only. Each row also carries `user`, the index of its categor
 which the collate passes as a batch field so ColA can give each category its own adapters.
 
 Splits are fixed, whatever the seed: the file's last 80 rows (Shepherd's held-out sample, 10 per
-category) are `test`; every 20th remaining row is `validation`; the rest is `train`.
+category) are `test`; every 20th remaining row is `validation`; the rest is `train`. Each split
+is then interleaved by category, so `max_*_samples` caps keep all eight users.
 """
 
 from __future__ import annotations
@@ -69,12 +70,20 @@ def _read_jsonl(path: Path) -> list[dict[str, str]]:
     return rows
 
 
+def interleave(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Round-robin over categories (file order within each). The file is grouped by federated
+    client, so its first rows are nearly one category; interleaved, any cap keeps every user."""
+    by_category = [[r for r in rows if r["category"] == c] for c in CATEGORIES]
+    ranked = [(i, k, r) for k, group in enumerate(by_category) for i, r in enumerate(group)]
+    return [r for _, _, r in sorted(ranked, key=lambda t: (t[0], t[1]))]
+
+
 def split_rows(rows: list[dict[str, str]]) -> dict[str, datasets.Dataset]:
-    """train / validation / test by position (see the module docstring)."""
+    """train / validation / test by position (see the module docstring), each interleaved."""
     rest, test = rows[:-TEST_ROWS], rows[-TEST_ROWS:]
     parts = {"train": [r for i, r in enumerate(rest) if i % VALIDATION_EVERY],
              "validation": rest[::VALIDATION_EVERY], "test": test}
-    return {split: datasets.Dataset.from_list(part) for split, part in parts.items()}
+    return {split: datasets.Dataset.from_list(interleave(part)) for split, part in parts.items()}
 
 
 def load_raw(cfg: DatasetConfig) -> dict[str, datasets.Dataset]:
@@ -99,6 +108,12 @@ def encode(batch: dict[str, list], tokenizer: Any, prompt: str, max_length: int,
     return out
 
 
+def learns_something(row: dict[str, Any]) -> bool:
+    """False for rows whose long context pushed the whole response past max_length: they would
+    add no loss (and a batch of only such rows a NaN one)."""
+    return any(label != e2e.IGNORE for label in row["labels"])
+
+
 def collate(rows: list[dict[str, Any]], pad: int) -> dict[str, Any]:
     batch = e2e.collate(rows, pad)
     batch["user"] = torch.tensor([row["user"] for row in rows])
@@ -106,14 +121,19 @@ def collate(rows: list[dict[str, Any]], pad: int) -> dict[str, Any]:
 
 
 def build(cfg: DatasetConfig, tokenizer: Any, seed: int) -> Task:
-    """Caps take the first rows of each split, so `seed` changes nothing here."""
+    """Caps take the first rows of each split (before rows without response tokens are
+    dropped), so `seed` changes nothing here."""
     raw = load_raw(cfg)
     raw = {split: cap(rows, cfg.max_train_samples if split == "train" else cfg.max_eval_samples)
            for split, rows in raw.items()}
     fn = partial(encode, tokenizer=tokenizer, prompt=cfg.prompt, max_length=cfg.max_length,
                  eos=e2e.eos_id(tokenizer))
-    splits = {split: rows.map(fn, batched=True, remove_columns=rows.column_names)
+    splits = {split: rows.map(fn, batched=True, remove_columns=rows.column_names).filter(learns_something)
               for split, rows in raw.items()}
+    empty = [split for split, rows in splits.items() if len(rows) == 0]
+    if empty:
+        raise UserError(f"dataset.max_length={cfg.max_length} leaves no response token in any row of "
+                        f"{empty}: raise it (or the sample caps)")
     val = raw["validation"]
     prompts = [format_prompt(cfg.prompt, i, c) for i, c in zip(val["instruction"], val["context"])]
     return Task(
