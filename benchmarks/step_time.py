@@ -9,7 +9,9 @@ Every method adapts the same layers (`--targets same`: LoRA's query/value choice
 
 Each (model, method) runs in a fresh child process, so its peak memory is its own: on CUDA
 the allocator's peak, on CPU the child's peak resident memory (and the part added by
-training, over the loaded model). Prints a table and writes JSON.
+training, over the loaded model). `adapter_state_mb` is what the trained tensors, their gradients
+and AdamW moments take, on `adapter_device` (ColA keeps them off the backbone's device:
+`--methods lora,cola:adapter=lowrank,cola:adapter=linear`). Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 # model -> (batch, seq_len, task kind): the shapes named in the foundation issue
 SHAPES = {"minilm-l6": (32, 64, "classification"), "smollm2-135m": (8, 128, "causal_lm")}
-DEFAULT_METHODS = "full,lora,peft_lora,rosa,loraxs,rocoft:mode=row,rocoft:mode=column"
+DEFAULT_METHODS = ("full,lora,peft_lora,rosa,loraxs,rocoft:mode=row,rocoft:mode=column,"
+                   "cola:adapter=lowrank,cola:adapter=linear")
 
 
 def _rss_mb() -> float:
@@ -53,8 +56,9 @@ def measure(model_name: str, method: str, options: dict, steps: int, warmup: int
                                   num_labels=2 if kind == "classification" else None)
     options = resolve_targets(options, family)
     cfg = method_class(method).config_class(name=method, **options)
-    model = build_method(cfg).apply(model, family).to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    adapter = build_method(cfg)
+    model = adapter.apply(model, family).to(device).train()
+    params = adapter.optimizer_parameters(model)  # ColA: adapters outside the backbone
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     ids = torch.randint(100, 1000, (batch, seq), device=device)
     labels = torch.randint(0, 2, (batch,), device=device) if kind == "classification" else ids
@@ -68,6 +72,7 @@ def measure(model_name: str, method: str, options: dict, steps: int, warmup: int
         start = time.perf_counter()
         loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
         loss.backward()
+        adapter.before_optimizer_step()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
@@ -76,7 +81,10 @@ def measure(model_name: str, method: str, options: dict, steps: int, warmup: int
             times.append(time.perf_counter() - start)
     median = statistics.median(times)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _rss_mb()
+    state = [t for p in params for t in (p, p.grad, *optimizer.state[p].values()) if torch.is_tensor(t)]
     return {"model": model_name, "method": method, "label": label(method, options), "options": options,
+            "adapter_device": ",".join(sorted({str(p.device) for p in params})),
+            "adapter_state_mb": sum(t.numel() * t.element_size() for t in state) / 2**20,
             "trainable_params": trainable_parameter_count(model),
             "median_step_s": median, "min_step_s": min(times), "tokens_per_s": batch * seq / median,
             "peak_mem_mb": peak, "train_mem_mb": peak - (0 if device.type == "cuda" else loaded_mb),
@@ -125,7 +133,8 @@ def add_ratios(rows: list[dict]) -> None:
 
 def table(rows: list[dict]) -> str:
     cols = ["model", "label", "trainable_params", "median_step_s", "tokens_per_s", "peak_mem_mb",
-            "train_mem_mb", "time_vs_full", "time_vs_peft_lora", "time_vs_lora", "mem_vs_full"]
+            "train_mem_mb", "adapter_device", "adapter_state_mb", "time_vs_full", "time_vs_peft_lora",
+            "time_vs_lora", "mem_vs_full"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = []

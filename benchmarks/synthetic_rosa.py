@@ -118,14 +118,16 @@ def plot(rows: list[dict], path: Path) -> None:
             style = {"lora": "--", "rosa": "-"}.get(r["method"], ":")
             label = f"{r['method']} r={r['rank']}" if r["rank"] else "full fine-tuning"
             ax.plot(r["curve"], style, color=colors.get(r["rank"], "black"), label=label)
-        ax.set(yscale="log", xlabel="epoch", ylabel="validation MSE", title=f"{kind} student, rank-24 teacher")
+        ax.set(yscale="log", xlabel="epoch", ylabel="validation MSE",
+               title=f"{kind} student, rank-24 teacher")
         ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="linear,mlp")
     parser.add_argument("--ranks", default="1,8,16,24")
     parser.add_argument("--epochs", type=int, default=40)

@@ -16,13 +16,13 @@ from types import ModuleType
 from typing import Any
 
 from rosa_bench.config import DatasetConfig
-from rosa_bench.data import e2e, eli5, glue
+from rosa_bench.data import dolly, e2e, eli5, glue
 from rosa_bench.data import math as math_problems
 from rosa_bench.data.task import Task
 from rosa_bench.errors import UserError, choices_error
 
 DATASETS: dict[str, ModuleType] = {"e2e": e2e, "glue": glue, "eli5": eli5, "gsm8k": math_problems,
-                                   "metamathqa": math_problems}
+                                   "metamathqa": math_problems, "dolly": dolly}
 
 
 def dataset_names() -> list[str]:

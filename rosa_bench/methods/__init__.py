@@ -6,6 +6,7 @@ from __future__ import annotations
 from rosa_bench.config import MethodConfig
 from rosa_bench.errors import choices_error
 from rosa_bench.methods.base import Method, attached_method
+from rosa_bench.methods.cola import ColA
 from rosa_bench.methods.full import FullFineTuning
 from rosa_bench.methods.lora import LoRA
 from rosa_bench.methods.loraxs import LoraXS
@@ -14,7 +15,7 @@ from rosa_bench.methods.rocoft import RoCoFT
 from rosa_bench.methods.rosa import ROSA
 
 METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (FullFineTuning, LoRA, PeftLoRA, ROSA, LoraXS, RoCoFT)
+    m.name: m for m in (FullFineTuning, LoRA, PeftLoRA, ROSA, LoraXS, RoCoFT, ColA)
 }
 
 

@@ -33,6 +33,10 @@ ALL_PROJECTIONS: dict[str, list[str]] = {
     "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
     "roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
 }
+# Per-example batch fields that are not model inputs (ColA's user id): the forward pre-hook that
+# `attach` registers pops them before the HF forward and hands them to the attached method.
+SIDE_INPUTS = ("user",)
+_HOOKED_ATTR = "_rosa_bench_side_input_hook"
 
 
 def model_family(model: nn.Module) -> str:
@@ -100,6 +104,23 @@ def check_choices(cfg: MethodConfig, **choices: tuple[str, ...]) -> None:
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _take_side_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    side = {key: kwargs.pop(key) for key in SIDE_INPUTS if key in kwargs}
+    method = getattr(module, METHOD_ATTR, None)
+    if method is not None:
+        method.receive_side_inputs(side)  # also when empty, so no stale ids outlive a batch
+    return args, kwargs
+
+
+def attach(model: nn.Module, method: Method) -> None:
+    """Mark `model` as wrapped by `method` and make its forward accept (and route) the side
+    inputs, so every dataset's batch can go to every method unchanged."""
+    setattr(model, METHOD_ATTR, method)
+    if not getattr(model, _HOOKED_ATTR, False):
+        model.register_forward_pre_hook(_take_side_inputs, with_kwargs=True)
+        setattr(model, _HOOKED_ATTR, True)
 
 
 class AdapterLayer(nn.Module):
@@ -200,7 +221,7 @@ class Method:
         for name in targets:
             set_submodule(model, name, self.make_layer(name, model.get_submodule(name)))
         self.set_head_trainable(model)
-        setattr(model, METHOD_ATTR, self)
+        attach(model, self)
         return model
 
     def set_head_trainable(self, model: nn.Module) -> None:
@@ -238,12 +259,24 @@ class Method:
             for name, tensor in state.items():
                 own[name].copy_(tensor)
 
+    def optimizer_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """What the trainer's optimizer steps (and clips). ColA's adapters live outside the
+        backbone, so it names them here."""
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def receive_side_inputs(self, side: dict[str, torch.Tensor]) -> None:
+        """The batch's SIDE_INPUTS for the forward about to run (empty when it has none)."""
+
     # ---- trainer hooks (no-ops unless a method needs them) ----------------------------------
     def on_train_start(self, trainer: Trainer) -> None:
         """Called once before the first step (after resume)."""
 
     def on_epoch_start(self, trainer: Trainer) -> None:
         """Called at the start of each epoch."""
+
+    def before_optimizer_step(self) -> None:
+        """Called once per optimizer step, after its last micro-batch's backward and before
+        clipping and stepping: where gradients computed outside autograd are filled in."""
 
     def on_step_end(self, trainer: Trainer) -> None:
         """Called after each optimizer step."""
@@ -261,7 +294,10 @@ def adapter_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def trainable_parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    method = getattr(model, METHOD_ATTR, None)
+    params = method.optimizer_parameters(model) if method is not None else \
+        [p for p in model.parameters() if p.requires_grad]
+    return sum(p.numel() for p in params)
 
 
 def attached_method(model: nn.Module) -> Method:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from rosa_bench.methods.base import METHOD_ATTR, Method
+from rosa_bench.methods.base import Method, attach
 
 
 class FullFineTuning(Method):
@@ -17,5 +17,5 @@ class FullFineTuning(Method):
     def apply(self, model: nn.Module, family: str | None = None) -> nn.Module:
         model.requires_grad_(True)
         self.set_head_trainable(model)
-        setattr(model, METHOD_ATTR, self)
+        attach(model, self)
         return model

@@ -8,7 +8,7 @@ from __future__ import annotations
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from rosa_bench.methods.base import HEAD_NAMES, METHOD_ATTR, Method, find_targets, model_family
+from rosa_bench.methods.base import HEAD_NAMES, METHOD_ATTR, Method, attach, find_targets, model_family
 
 
 class PeftLoRA(Method):
@@ -30,7 +30,7 @@ class PeftLoRA(Method):
             modules_to_save=has_head if (has_head and self.cfg.train_head) else None,
         )
         peft_model = get_peft_model(model, config)
-        setattr(peft_model, METHOD_ATTR, self)
+        attach(peft_model, self)
         return peft_model
 
     def merge(self, model: nn.Module) -> nn.Module:

@@ -54,7 +54,7 @@ class Trainer:
     # ---- setup -----------------------------------------------------------------------------
     def _param_groups(self) -> list[dict[str, Any]]:
         """Weight decay on matrices only (not biases or norms), the usual AdamW practice."""
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = self.method.optimizer_parameters(self.model)
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
         return [{"params": decay, "weight_decay": self.run.train.weight_decay},
@@ -125,8 +125,11 @@ class Trainer:
             with acc.accumulate(self.model):
                 loss = self.model(**batch).loss
                 acc.backward(loss)
+                if acc.sync_gradients:
+                    self.method.before_optimizer_step()
                 if acc.sync_gradients and run.train.max_grad_norm:
-                    acc.clip_grad_norm_(self.model.parameters(), run.train.max_grad_norm)
+                    acc.clip_grad_norm_(self.method.optimizer_parameters(self.model),
+                                        run.train.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             self.batches_done += 1

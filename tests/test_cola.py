@@ -1,0 +1,266 @@
+"""ColA on tiny random models: gradient learning equals backprop (one step and an interval),
+untrained adapters change nothing, merging, per-user routing (alone) and mean merging (col),
+a frozen backbone, adapters outside it, checkpoints, errors, and a short trainer run."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import rosa_bench
+from rosa_bench.errors import UserError
+from rosa_bench.methods.base import AdapterLayer, attached_method, set_submodule, trainable_parameter_count
+from rosa_bench.methods.cola import ColaLayer
+from tests.test_methods import VOCAB, tiny
+
+ALPHA = 0.5
+
+
+def batch(seed: int, n: int = 3, users: list[int] | None = None) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (n, 9), generator=g)
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    if users is not None:
+        out["user"] = torch.tensor(users)
+    return out
+
+
+def no_dropout(model: nn.Module) -> nn.Module:
+    """Training mode (so ColA captures) without randomness, so two models can be compared."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+def cola(family: str, **options) -> nn.Module:
+    return no_dropout(rosa_bench.apply(tiny(family), "cola", rank=4, alpha=ALPHA, **options))
+
+
+def randomize(model: nn.Module, seed: int = 3) -> None:
+    """Zero-initialised adapters would hide routing and merging mistakes; give them values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in attached_method(model).optimizer_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def layers(model: nn.Module) -> list[ColaLayer]:
+    return [m for m in model.modules() if isinstance(m, ColaLayer)]
+
+
+def adapter_weights(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in attached_method(model).optimizer_parameters(model)]
+
+
+class InGraph(AdapterLayer):
+    """The reference: the same adapter inside the backbone's graph, trained by plain backprop."""
+
+    def __init__(self, base_layer: nn.Module, adapter: nn.Module):
+        super().__init__(base_layer)
+        self.adapter = adapter
+
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        return ALPHA * self.adapter(x)
+
+
+def in_graph_copy(model: nn.Module) -> tuple[nn.Module, list[nn.Parameter]]:
+    """A copy of a one-user ColA model with each adapter moved into the graph."""
+    ref = copy.deepcopy(model)
+    for name, layer in [(n, m) for n, m in ref.named_modules() if isinstance(m, ColaLayer)]:
+        set_submodule(ref, name, InGraph(layer.base_layer, layer.site.adapters[0]))
+    params = [p for m in ref.modules() if isinstance(m, InGraph) for p in m.adapter.parameters()]
+    return ref, params
+
+
+def cola_steps(model: nn.Module, batches: list[dict], lr: float) -> None:
+    """What the trainer does: forward, backward, the method's hook, SGD step, per batch."""
+    method = attached_method(model)
+    opt = torch.optim.SGD(method.optimizer_parameters(model), lr=lr)
+    for b in batches:
+        model(**b).loss.backward()
+        method.before_optimizer_step()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("adapter", ["lowrank", "linear", "mlp", "lowrank~linear"])
+def test_untrained_adapters_leave_outputs_unchanged(family, adapter):
+    base = no_dropout(tiny(family))
+    with torch.no_grad():
+        ref = base(**batch(0)).logits
+    model = cola(family, adapter=adapter, users=2, collab="col")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch(0)).logits, ref, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("adapter", ["lowrank", "linear"])
+def test_one_cola_step_equals_one_backprop_step(family, adapter):
+    """From the zero-initialised start, as in training. (Later, ColA's backbone backward does not
+    pass through the adapters' own input Jacobians: they are outside its graph by design.)"""
+    model = cola(family, adapter=adapter)
+    start = adapter_weights(model)
+    ref, ref_params = in_graph_copy(model)
+    cola_steps(model, [batch(1)], lr=0.1)
+    ref(**batch(1)).loss.backward()
+    torch.optim.SGD(ref_params, lr=0.1).step()
+    assert any(not torch.equal(w, s) for w, s in zip(adapter_weights(model), start))
+    for ours, theirs in zip(adapter_weights(model), ref_params, strict=True):
+        torch.testing.assert_close(ours, theirs.detach(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("adapter", ["lowrank", "linear"])
+def test_interval_step_equals_one_step_on_summed_gradients(adapter):
+    model = cola("llama", adapter=adapter, interval=3)
+    start = adapter_weights(model)
+    ref, ref_params = in_graph_copy(model)
+    batches = [batch(s) for s in (1, 2, 3)]
+    cola_steps(model, batches[:2], lr=0.1)
+    for w, s in zip(adapter_weights(model), start):
+        torch.testing.assert_close(w, s, atol=0, rtol=0)  # nothing moves inside the interval
+    cola_steps(model, batches[2:], lr=0.1)  # counts as step 3: the buffered three are fitted
+    for b in batches:
+        ref(**b).loss.backward()  # gradients at the same (starting) weights, summed
+    torch.optim.SGD(ref_params, lr=0.1).step()
+    one_batch, one_params = in_graph_copy(cola("llama", adapter=adapter))
+    one_batch(**batches[2]).loss.backward()
+    torch.optim.SGD(one_params, lr=0.1).step()
+    assert any(not torch.allclose(w, p) for w, p in zip(adapter_weights(model), one_params))
+    for ours, theirs in zip(adapter_weights(model), ref_params, strict=True):
+        torch.testing.assert_close(ours, theirs.detach(), atol=1e-6, rtol=0)
+
+
+def test_backbone_gets_no_gradients_and_adapters_stay_off_the_backbone():
+    model = cola("gpt2", adapter="lowrank~linear", users=2)
+    method = attached_method(model)
+    assert not any(p.requires_grad for p in model.parameters())
+    assert trainable_parameter_count(model) == sum(p.numel() for p in method.optimizer_parameters(model)) > 0
+    cola_steps(model, [batch(1, users=[0, 1, 1])], lr=0.1)
+    assert all(p.grad is None for p in model.parameters())
+    model.to("meta")  # moving the backbone leaves the adapters (and their state) where they are
+    assert all(p.device == torch.device("cpu") for p in method.optimizer_parameters(model))
+    assert {n for n, _ in model.named_parameters() if "cola" in n or ".A" in n} == set()
+
+
+def test_alone_routes_each_example_to_its_users_adapter():
+    model = cola("llama", adapter="linear", users=2, collab="alone")
+    randomize(model)
+    with torch.no_grad():
+        mixed = model(**batch(0, n=2, users=[0, 1])).logits
+        all0 = model(**batch(0, n=2, users=[0, 0])).logits
+        all1 = model(**batch(0, n=2, users=[1, 1])).logits
+    assert not torch.allclose(all0[1], all1[1])  # the two users' adapters differ
+    torch.testing.assert_close(mixed[0], all0[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(mixed[1], all1[1], atol=1e-6, rtol=0)
+
+
+def test_each_user_is_fitted_only_on_its_own_examples():
+    model = cola("llama", adapter="linear", users=2, collab="alone")
+    method = attached_method(model)
+    model(**batch(1, users=[0, 0, 0])).loss.backward()
+    method.before_optimizer_step()
+    grads = [[p.grad for p in layer.site.adapters[k].parameters()] for layer in layers(model) for k in (0, 1)]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads[0])
+    assert all(g is None for g in grads[1])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("adapter", ["lowrank", "linear"])
+def test_merge_changes_no_output(family, adapter):
+    model = cola(family, adapter=adapter).eval()
+    randomize(model)
+    with torch.no_grad():
+        before = model(**batch(0)).logits
+        merged = rosa_bench.merge(model)
+        assert not any(isinstance(m, AdapterLayer) for m in merged.modules())
+        torch.testing.assert_close(merged(**batch(0)).logits, before, atol=1e-5, rtol=1e-5)
+
+
+def test_col_merges_the_users_mean_delta():
+    model = cola("llama", adapter="lowrank~linear", users=2, collab="col").eval()
+    randomize(model)
+    first = layers(model)[0]
+    low, full = first.site.adapters
+    expected = first.weight.detach() + ALPHA * (low.B @ low.A + full.weight).detach() / 2
+    with torch.no_grad():
+        before = model(**batch(0, users=[0, 1, 1])).logits
+        merged = rosa_bench.merge(model)
+        torch.testing.assert_close(merged.model.layers[0].self_attn.q_proj.weight, expected)
+        torch.testing.assert_close(merged(**batch(0)).logits, before, atol=1e-5, rtol=1e-5)
+
+
+def test_unmergeable_cases_say_why():
+    with pytest.raises(UserError, match="mlp is nonlinear"):
+        rosa_bench.merge(cola("llama", adapter="mlp"))
+    with pytest.raises(UserError, match="collab=col"):
+        rosa_bench.merge(cola("llama", adapter="linear", users=2))
+
+
+def test_checkpoint_round_trip_restores_outputs():
+    model = cola("gpt2", adapter="lowrank~mlp", users=2, collab="col").eval()
+    randomize(model)
+    method = attached_method(model)
+    state = method.checkpoint_state(model)
+    fresh = cola("gpt2", adapter="lowrank~mlp", users=2, collab="col").eval()
+    attached_method(fresh).load_checkpoint_state(fresh, state)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**batch(0)).logits, model(**batch(0)).logits, atol=0, rtol=0)
+    with pytest.raises(UserError, match="does not match"):
+        attached_method(fresh).load_checkpoint_state(fresh, {**state, "bogus": torch.zeros(1)})
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"adapter": "lowrank~conv"}, "unknown kind 'conv'.*lowrank, linear, mlp"),
+    ({"collab": "together"}, "collab='together'.*alone, col"),
+    ({"users": 0}, "users=0"),
+    ({"interval": -1}, "interval=-1"),
+    ({"adapter_device": "gpu9"}, "adapter_device='gpu9'.*cpu, cuda"),
+    ({"train_head": True}, "frozen"),
+])
+def test_bad_options_are_user_errors(options, message):
+    with pytest.raises(UserError, match=message):
+        rosa_bench.apply(tiny("llama"), "cola", **options)
+
+
+def test_bad_user_ids_are_user_errors():
+    model = cola("llama", users=2)
+    with pytest.raises(UserError, match=r"users \[0, 5\].*fnmodel.users=2"):
+        model(**batch(0, users=[0, 5, 0]))
+    with pytest.raises(UserError, match="needs a user id"):
+        model(**batch(0))
+
+
+def test_other_methods_ignore_the_user_field():
+    model = rosa_bench.apply(tiny("llama"), "lora", rank=4)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch(0, users=[1, 2, 3])).logits, model(**batch(0)).logits)
+
+
+@pytest.mark.parametrize("collab", ["alone", "col"])
+def test_trainer_fits_each_users_adapters_on_dolly(tmp_path, collab):
+    from safetensors.torch import load_file
+
+    from rosa_bench import runs
+    from rosa_bench.pipeline import train
+    from tests.test_config import composed
+
+    overrides = ["model=tiny-llama", "dataset=dolly", "dataset.max_train_samples=8",
+                 "dataset.max_eval_samples=4", "dataset.max_length=256", "fnmodel=cola", "fnmodel.users=8",
+                 f"fnmodel.collab={collab}", "fnmodel.adapter='lowrank~linear'", "train.batch_size=4",
+                 "train.max_steps=2", "train.lr=0.01", "logging.sample_max_new_tokens=2",
+                 "logging.progress=false"]
+    folder = train(composed([*overrides, f"output.path={tmp_path}"]), overrides)
+    metrics = runs.read_metrics(folder)
+    assert metrics["complete"] and metrics["global_step"] == 2 and metrics["method"] == "cola"
+    state = load_file(folder / "checkpoints" / "last" / "model.safetensors")
+    assert state and all(".cola." in k for k in state)  # adapters only: the backbone is untouched
+    moved = {k.split(".cola.")[1].split(".")[0] for k, v in state.items()
+             if k.endswith((".B", ".weight")) and v.abs().sum() > 0}
+    assert moved and moved <= {str(u) for u in range(8)}
+    assert metrics["trainable_params"] == sum(v.numel() for v in state.values())
