@@ -34,7 +34,8 @@ def capped(gen: GenerationSet, limit: int | None) -> GenerationSet:
     if limit is None or limit >= len(gen.prompts):
         return gen
     return dataclasses.replace(gen, prompts=gen.prompts[:limit], references=gen.references[:limit],
-                               sources=gen.sources[:limit])
+                               sources=gen.sources[:limit],
+                               users=None if gen.users is None else gen.users[:limit])
 
 
 def generation_scores(model: nn.Module, tokenizer: Any, task: Task, split: str, limit: int | None = None,
@@ -43,7 +44,7 @@ def generation_scores(model: nn.Module, tokenizer: Any, task: Task, split: str, 
     The trainer calls this too (logging.eval_generate_every)."""
     gen = capped(task.generation_sets[split], limit)
     predictions = generate(model, tokenizer, gen.prompts, task.generation, progress=progress,
-                           desc=f"generate {split}")
+                           desc=f"generate {split}", users=gen.users)
     scores = GENERATION_SCORERS[gen.metric](predictions, gen.references)
     scores["empty_predictions"] = float(sum(not p for p in predictions))
     return scores, predictions, gen

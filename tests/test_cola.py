@@ -12,7 +12,13 @@ from torch import nn
 
 import rosa_bench
 from rosa_bench.errors import UserError
-from rosa_bench.methods.base import AdapterLayer, attached_method, set_submodule, trainable_parameter_count
+from rosa_bench.methods.base import (
+    AdapterLayer,
+    attached_method,
+    fixed_side_inputs,
+    set_submodule,
+    trainable_parameter_count,
+)
 from rosa_bench.methods.cola import ColaLayer
 from tests.test_methods import VOCAB, tiny
 
@@ -196,10 +202,48 @@ def test_col_merges_the_users_mean_delta():
 
 
 def test_unmergeable_cases_say_why():
-    with pytest.raises(UserError, match="mlp is nonlinear"):
+    with pytest.raises(UserError, match="adapter=mlp has a nonlinear"):
         rosa_bench.merge(cola("llama", adapter="mlp"))
     with pytest.raises(UserError, match="collab=col"):
         rosa_bench.merge(cola("llama", adapter="linear", users=2))
+
+
+def test_mergeable_says_when_one_weight_delta_exists():
+    assert attached_method(cola("llama", adapter="lowrank~linear", users=2, collab="col")).mergeable
+    assert attached_method(cola("llama", adapter="linear")).mergeable
+    assert not attached_method(cola("llama", adapter="linear", users=2, collab="alone")).mergeable
+    assert not attached_method(cola("llama", adapter="lowrank~mlp", users=2, collab="col")).mergeable
+
+
+def test_fixed_side_inputs_route_forwards_that_name_no_user():
+    model = cola("llama", adapter="linear", users=2, collab="alone").eval()
+    randomize(model)
+    with torch.no_grad():
+        outputs = []
+        for k in (0, 1):
+            with fixed_side_inputs(model, user=torch.tensor([k])):
+                outputs.append(model(**batch(0)).logits)
+            torch.testing.assert_close(outputs[k], model(**batch(0, users=[k] * 3)).logits, atol=1e-6, rtol=0)
+    assert not torch.allclose(outputs[0], outputs[1])
+
+
+def test_generation_answers_each_prompt_with_its_users_adapters():
+    from rosa_bench.config import GenerationConfig
+    from rosa_bench.generation import generate
+    from rosa_bench.models import load_model
+    from tests.test_config import composed, resolve
+
+    base, tokenizer, _ = load_model(resolve(composed(["model=tiny-llama"])).model, "causal_lm")
+    model = rosa_bench.apply(base, "cola", adapter="linear", users=2, collab="alone", alpha=ALPHA).eval()
+    randomize(model, seed=5)
+    prompts, users = ["name[a]\n", "food[b]\n", "area[c]\n", "near[d]\n"], [1, 0, 1, 0]
+    settings = GenerationConfig(max_new_tokens=6, stop_at_blank_line=False, batch_size=4)
+    together = generate(model, tokenizer, prompts, settings, progress=False, users=users)
+    one_by_one = [generate(model, tokenizer, [p], settings, progress=False, users=[u])[0]
+                  for p, u in zip(prompts, users)]
+    assert together == one_by_one and any(together)
+    swapped = generate(model, tokenizer, prompts, settings, progress=False, users=[1 - u for u in users])
+    assert swapped != together  # the users' adapters differ, and each prompt got its own
 
 
 def test_checkpoint_round_trip_restores_outputs():
@@ -247,6 +291,7 @@ def test_trainer_fits_each_users_adapters_on_dolly(tmp_path, collab):
     from safetensors.torch import load_file
 
     from rosa_bench import runs
+    from rosa_bench.evaluate import evaluate_run
     from rosa_bench.pipeline import train
     from tests.test_config import composed
 
@@ -264,3 +309,7 @@ def test_trainer_fits_each_users_adapters_on_dolly(tmp_path, collab):
              if k.endswith((".B", ".weight")) and v.abs().sum() > 0}
     assert moved and moved <= {str(u) for u in range(8)}
     assert metrics["trainable_params"] == sum(v.numel() for v in state.values())
+    # evaluate.py: ROUGE of generated responses; alone keeps one model per user (no merge)
+    result = evaluate_run(folder, "validation", "last", max_samples=4, progress=False)
+    assert {"rouge1", "rouge2", "rougeL", "loss"} <= set(result["scores"]) and result["metric"] == "rouge"
+    assert all((folder / name).is_file() for name in result["files"].values())

@@ -22,7 +22,7 @@ import torch
 from rosa_bench.config import DatasetConfig
 from rosa_bench.data import e2e
 from rosa_bench.data.files import cap, load_hub, local_files, malformed, pad_id
-from rosa_bench.data.task import CAUSAL_LM, Task
+from rosa_bench.data.task import CAUSAL_LM, GenerationSet, Task
 from rosa_bench.errors import UserError
 
 FILE = "dolly/databricks-dolly-15k.jsonl"
@@ -134,11 +134,20 @@ def build(cfg: DatasetConfig, tokenizer: Any, seed: int) -> Task:
     if empty:
         raise UserError(f"dataset.max_length={cfg.max_length} leaves no response token in any row of "
                         f"{empty}: raise it (or the sample caps)")
-    val = raw["validation"]
-    prompts = [format_prompt(cfg.prompt, i, c) for i, c in zip(val["instruction"], val["context"])]
+    sets = {split: generation_set(raw[split], cfg.prompt) for split in ("validation", "test")}
     return Task(
         name="dolly", kind=CAUSAL_LM, run_subdir=run_subdir(cfg), splits=splits,
         collate=partial(collate, pad=pad_id(tokenizer)), validation_splits=["validation"],
         metric_name="loss", greater_is_better=False,
-        sample_prompts=prompts[:cfg.num_samples_to_log], raw=raw,
+        sample_prompts=sets["validation"].prompts[:cfg.num_samples_to_log], raw=raw,
+        generation_sets=sets, generation=cfg.generation,
     )
+
+
+def generation_set(rows: datasets.Dataset, prompt: str) -> GenerationSet:
+    """Prompts scored by ROUGE against the one reference response, each with its user, so
+    per-user adapters (ColA, collab=alone) answer their own category's prompts."""
+    return GenerationSet(
+        prompts=[format_prompt(prompt, i, c) for i, c in zip(rows["instruction"], rows["context"])],
+        references=[[r] for r in rows["response"]], metric="rouge", sources=list(rows["instruction"]),
+        users=[CATEGORIES.index(c) for c in rows["category"]])

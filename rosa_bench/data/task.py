@@ -27,6 +27,7 @@ class GenerationSet:
     references: list[list[str]]
     metric: str
     sources: list[str] = field(default_factory=list)  # the unformatted input (MR, question), for files
+    users: list[int] | None = None  # the user of each prompt (dolly), for per-user adapters
 
 
 @dataclass

@@ -9,6 +9,8 @@ what is particular to it.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -37,6 +39,7 @@ ALL_PROJECTIONS: dict[str, list[str]] = {
 # `attach` registers pops them before the HF forward and hands them to the attached method.
 SIDE_INPUTS = ("user",)
 _HOOKED_ATTR = "_rosa_bench_side_input_hook"
+_FIXED_SIDE_ATTR = "_rosa_bench_fixed_side_inputs"
 
 
 def model_family(model: nn.Module) -> str:
@@ -108,6 +111,7 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def _take_side_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     side = {key: kwargs.pop(key) for key in SIDE_INPUTS if key in kwargs}
+    side = side or getattr(module, _FIXED_SIDE_ATTR, {})
     method = getattr(module, METHOD_ATTR, None)
     if method is not None:
         method.receive_side_inputs(side)  # also when empty, so no stale ids outlive a batch
@@ -121,6 +125,17 @@ def attach(model: nn.Module, method: Method) -> None:
     if not getattr(model, _HOOKED_ATTR, False):
         model.register_forward_pre_hook(_take_side_inputs, with_kwargs=True)
         setattr(model, _HOOKED_ATTR, True)
+
+
+@contextmanager
+def fixed_side_inputs(model: nn.Module, **side: torch.Tensor) -> Iterator[None]:
+    """Side inputs for every forward inside the block that passes none: HF `generate` accepts
+    no extra per-example fields, so generation for one user's prompts sets them here."""
+    setattr(model, _FIXED_SIDE_ATTR, side)
+    try:
+        yield
+    finally:
+        delattr(model, _FIXED_SIDE_ATTR)
 
 
 class AdapterLayer(nn.Module):

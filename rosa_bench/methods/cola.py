@@ -24,6 +24,8 @@ from rosa_bench.errors import UserError
 from rosa_bench.methods.base import AdapterLayer, Method, layer_shape
 
 COLLAB_MODES = ("alone", "col")
+NONLINEAR = ("fnmodel.adapter={} has a nonlinear (mlp) adapter: it has no weight delta to merge into the "
+             "backbone (mergeable kinds: lowrank, linear)")
 
 
 @dataclass
@@ -45,8 +47,7 @@ class Adapter(nn.Module):
     kind = ""
 
     def delta_weight(self) -> torch.Tensor:
-        raise UserError(f"fnmodel.adapter={self.kind} is nonlinear: it has no weight delta to merge "
-                        "into the backbone (mergeable kinds: lowrank, linear)")
+        raise UserError(NONLINEAR.format(self.kind))
 
 
 class LowRank(Adapter):
@@ -137,7 +138,10 @@ class Site:
         self.pairs: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
 
     def _users(self, batch_size: int) -> torch.Tensor | None:
+        """The batch's user ids; a single id stands for every example (generation)."""
         users = self.routing.users if len(self.adapters) > 1 else None
+        if users is not None and users.numel() == 1:
+            users = users.expand(batch_size)
         if users is not None and users.shape[0] != batch_size:
             raise UserError(f"cola got {users.shape[0]} user ids for a batch of {batch_size} examples")
         return users
@@ -229,6 +233,11 @@ class ColA(Method):
             raise UserError(f"fnmodel.train_head={cfg.train_head!r} / fnmodel.dropout={cfg.dropout!r}: "
                             "cola keeps the whole backbone frozen and has no dropout; set false / 0")
 
+    @property
+    def mergeable(self) -> bool:  # type: ignore[override]
+        """One weight delta exists only for linear kinds and, with several users, under col."""
+        return "mlp" not in self.kinds and (self.cfg.collab == "col" or self.cfg.users == 1)
+
     def check_layer(self, name: str, module: nn.Module) -> None:
         if "lowrank" in self.kinds:
             super().check_layer(name, module)
@@ -282,6 +291,8 @@ class ColA(Method):
         if self.cfg.collab == "alone" and self.cfg.users > 1:
             raise UserError(f"fnmodel.collab=alone with fnmodel.users={self.cfg.users} keeps one model per "
                             "user: there is no single weight to merge; use fnmodel.collab=col")
+        if "mlp" in self.kinds:
+            raise UserError(NONLINEAR.format(self.cfg.adapter))
         return super().merge(model)
 
     def checkpoint_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
