@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,22 +29,25 @@ PROMPT = "name[The Eagle], eatType[coffee shop], food[{food}], priceRange[modera
 FOODS = ["French", "Italian", "Chinese", "Indian", "English", "Japanese", "Fast food", "Thai"]
 
 
-def timed(model, tokenizer, prompts, settings, repeats: int) -> float:
-    """Best-of-`repeats` sequences/s (the minimum is the least disturbed by other load)."""
-    generate(model, tokenizer, prompts[:settings.batch_size], settings, progress=False)  # warm-up
-    best = float("inf")
+def timed(models: dict, tokenizer, prompts, settings, repeats: int) -> dict[str, float]:
+    """Median sequences/s of each model; the models take turns in every repeat, so drifting
+    machine load hits them alike, and every sequence is exactly max_new_tokens long."""
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for model in models.values():  # warm-up
+        generate(model, tokenizer, prompts[:settings.batch_size], settings, progress=False)
     for _ in range(repeats):
-        start = time.perf_counter()
-        generate(model, tokenizer, prompts, settings, progress=False)
-        best = min(best, time.perf_counter() - start)
-    return len(prompts) / best
+        for name, model in models.items():
+            start = time.perf_counter()
+            generate(model, tokenizer, prompts, settings, progress=False)
+            times[name].append(time.perf_counter() - start)
+    return {name: len(prompts) / statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--prompts", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--num-beams", type=int, default=1)
     args = parser.parse_args()
@@ -51,7 +55,7 @@ def main() -> None:
     cfg = resolve_model_config(ModelConfig(name="auto"), args.model)  # the conf/model option
     base, tokenizer, family = load_model(cfg, "causal_lm")
     settings = GenerationConfig(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
-                                stop_at_blank_line=False, batch_size=8)
+                                min_new_tokens=args.max_new_tokens, stop_at_blank_line=False, batch_size=8)
     prompts = [PROMPT.format(food=FOODS[i % len(FOODS)]) for i in range(args.prompts)]
     method = build_method(MethodConfig(name="lora", rank=8))
     unmerged = method.apply(copy.deepcopy(base), family)
@@ -60,8 +64,8 @@ def main() -> None:
             if p.requires_grad:
                 p.normal_(0, 0.02)
     merged = method.merge(copy.deepcopy(unmerged))
-    rows = {name: timed(model, tokenizer, prompts, settings, args.repeats)
-            for name, model in (("base", base), ("lora_unmerged", unmerged), ("lora_merged", merged))}
+    rows = timed({"base": base, "lora_unmerged": unmerged, "lora_merged": merged}, tokenizer, prompts,
+                 settings, args.repeats)
     result = {"model": args.model, "prompts": args.prompts, "max_new_tokens": args.max_new_tokens,
               "num_beams": args.num_beams, "batch_size": settings.batch_size, "device": "cpu",
               "threads": torch.get_num_threads(), "sequences_per_s": rows,

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.step_time import SHAPES, label, parse_methods, resolve_targets, save_json  # noqa: E402
 
-DEFAULT_METHODS = "lora,peft_lora,loraxs,rocoft:mode=row,rocoft:mode=column"
+DEFAULT_METHODS = "lora,peft_lora,rosa,loraxs,rocoft:mode=row,rocoft:mode=column,cola:adapter=lowrank"
 # model -> (batch, seq_len) of one inference call
 INFERENCE_SHAPES = {"minilm-l6": (8, 64), "smollm2-135m": (1, 128)}
 
@@ -53,12 +53,12 @@ def load(model_name: str) -> tuple[torch.nn.Module, str]:
 def measure(base: torch.nn.Module, family: str, method: str, options: dict, batch: dict, reps: int) -> dict:
     """Median forward seconds of base, wrapped and merged models, interleaved."""
     import rosa_bench
+    from rosa_bench.methods import attached_method
 
     options = resolve_targets(options, family)
     wrapped = rosa_bench.apply(copy.deepcopy(base), method, **options).eval()
-    for p in wrapped.parameters():
-        if p.requires_grad:
-            p.normal_(std=1e-3)
+    for p in attached_method(wrapped).optimizer_parameters(wrapped):  # ColA's live outside the model
+        p.normal_(std=1e-3)
     merged = rosa_bench.merge(copy.deepcopy(wrapped))
     gap = float((merged(**batch).logits - wrapped(**batch).logits).abs().max())
     times: dict[str, list[float]] = {"base": [], "wrapped": [], "merged": []}

@@ -86,7 +86,8 @@ def measure(model_name: str, method: str, options: dict, steps: int, warmup: int
             "adapter_device": ",".join(sorted({str(p.device) for p in params})),
             "adapter_state_mb": sum(t.numel() * t.element_size() for t in state) / 2**20,
             "trainable_params": trainable_parameter_count(model),
-            "median_step_s": median, "min_step_s": min(times), "tokens_per_s": batch * seq / median,
+            "median_step_s": median, "min_step_s": min(times), "step_times": times,
+            "tokens_per_s": batch * seq / median,
             "peak_mem_mb": peak, "train_mem_mb": peak - (0 if device.type == "cuda" else loaded_mb),
             "batch": batch, "seq_len": seq, "device": device.type}
 
@@ -169,19 +170,35 @@ def main() -> None:
     parser.add_argument("--targets", nargs="+", default=["same"],
                         help="'same' (LoRA's query/value for every method), 'default' (each "
                              "method's own), or module-name patterns")
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=2, help="turns each method takes")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "step_time.json"))
     args = parser.parse_args()
     rows = []
     for model_name in args.models.split(","):
-        for method, options in parse_methods(args.methods, args.rank, args.targets):
-            print(f"measuring {model_name} / {method} {options or ''} ...", flush=True)
-            rows.append(run_isolated(model_name, method, options, args.steps, args.warmup, args.threads))
+        methods = parse_methods(args.methods, args.rank, args.targets)
+        rounds: list[list[dict]] = [[] for _ in methods]
+        for r in range(args.rounds):  # methods take turns, so slow drifts in load hit all alike
+            for i, (method, options) in enumerate(methods):
+                print(f"measuring {model_name} / {method} {options or ''} (round {r + 1}) ...", flush=True)
+                rounds[i].append(run_isolated(model_name, method, options, args.steps, args.warmup,
+                                              args.threads))
+        rows += [pooled(measured) for measured in rounds]
     add_ratios(rows)
     print(table(rows))
-    save_json(Path(args.out), rows, steps=args.steps, warmup=args.warmup)
+    save_json(Path(args.out), rows, steps=args.steps, warmup=args.warmup, rounds=args.rounds)
+
+
+def pooled(measured: list[dict]) -> dict:
+    """One row from a method's rounds: medians over every timed step, the highest memory."""
+    times = [t for m in measured for t in m["step_times"]]
+    row = dict(measured[0], step_times=times, median_step_s=statistics.median(times), min_step_s=min(times))
+    row["tokens_per_s"] = row["batch"] * row["seq_len"] / row["median_step_s"]
+    for key in ("peak_mem_mb", "train_mem_mb"):
+        row[key] = max(m[key] for m in measured)
+    return row
 
 
 def save_json(out: Path, rows: list[dict], **meta) -> None:

@@ -69,6 +69,11 @@ def train_one(kind: str, method: str, rank: int, args: argparse.Namespace,
     model = student_for(kind, method, rank, args.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    # Cosine decay to zero over the run, as the trainer's `train.scheduler=cosine`: at a constant
+    # rate Adam's steps keep a size ~lr near the optimum, so curves stall (or blow up) at a noise floor.
+    steps = args.epochs * -(-len(x_train) // args.batch_size)
+    schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+                if args.schedule == "cosine" else torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0))
     loss_fn = nn.MSELoss()
     g = torch.Generator().manual_seed(args.seed)
 
@@ -82,6 +87,7 @@ def train_one(kind: str, method: str, rank: int, args: argparse.Namespace,
             loss = loss_fn(model(x_train[idx]), y_train[idx])
             loss.backward()
             optimizer.step()
+            schedule.step()
             optimizer.zero_grad(set_to_none=True)
         curve.append(valid_loss())
         if method == "rosa" and epoch % args.factorize_every == 0 and epoch < args.epochs:
@@ -130,10 +136,11 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="linear,mlp")
     parser.add_argument("--ranks", default="1,8,16,24")
-    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--factorize-every", type=int, default=2, help="ROSA resamples every N epochs")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
     parser.add_argument("--train-samples", type=int, default=5000)
     parser.add_argument("--valid-samples", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=42)

@@ -41,6 +41,7 @@ class GenerationConfig:
 
     num_beams: int = 1
     max_new_tokens: int = 64
+    min_new_tokens: int = 0  # EOS is ignored before this many (benchmarks decode fixed lengths)
     length_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     stop_at_blank_line: bool = True  # cut the output at the first empty line

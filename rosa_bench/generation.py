@@ -21,6 +21,7 @@ def hf_config(settings: GenerationConfig, tokenizer: Any) -> HFGenerationConfig:
     """A fresh HF config (no sampling defaults inherited from the checkpoint): greedy or beam."""
     return HFGenerationConfig(
         do_sample=False, num_beams=settings.num_beams, max_new_tokens=settings.max_new_tokens,
+        min_new_tokens=settings.min_new_tokens or None,
         length_penalty=settings.length_penalty, no_repeat_ngram_size=settings.no_repeat_ngram_size,
         early_stopping=settings.num_beams > 1, use_cache=True,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
