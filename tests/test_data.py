@@ -3,6 +3,7 @@ tasks that are missing there): parsing, label masking, caps, errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -359,3 +360,53 @@ def test_hub_rows_get_the_local_schema(monkeypatch, tmp_path):
     assert rte_raw["train"][0] == {"sentence1": "A b.", "sentence2": "C d.", "label": 1, "idx": 0}
     assert rte_raw["test"].column_names == ["sentence1", "sentence2", "idx"]
     assert calls == [("GEM/e2e_nlg", None), ("nyu-mll/glue", "rte")]
+
+
+def test_hub_copies_of_eli5_metamathqa_gsm8k_and_dolly(monkeypatch, tmp_path):
+    """With no local files each loader asks the Hub (stubbed: offline here) for its named copy and
+    turns the rows into the same schema and splits as the local files give."""
+    from rosa_bench.data import dolly, eli5
+    from rosa_bench.data import math as math_problems
+
+    calls = []
+    n_qa, n_math = 2 * eli5.HUB_HELD_OUT + 3, math_problems.VALIDATION_ROWS + 2
+    gsm8k_row = {"question": ["Q?"], "answer": ["3 + 4 = <<3+4=7>>7\n#### 7"]}
+    hub = {
+        "sentence-transformers/eli5": {"train": {"question": [f"q{i}" for i in range(n_qa)],
+                                                 "answer": [f"a{i}" for i in range(n_qa)]}},
+        "meta-math/MetaMathQA": {"train": {"query": [f"m{i}" for i in range(n_math)],
+                                           "response": ["The answer is: 1"] * n_math,
+                                           "type": ["GSM_AnsAug"] * n_math}},
+        "openai/gsm8k": {"train": gsm8k_row, "test": gsm8k_row},
+        "databricks/databricks-dolly-15k": {"train": {
+            "instruction": [f"i{k}" for k in range(200)], "context": [""] * 200,
+            "response": [f"r{k}" for k in range(200)],
+            "category": [dolly.CATEGORIES[k % 8] for k in range(200)]}},
+    }
+
+    def fake_load(hub_id, config_name):
+        calls.append((hub_id, config_name))
+        return datasets.DatasetDict({split: datasets.Dataset.from_dict(rows)
+                                     for split, rows in hub[hub_id].items()})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    from tests.test_config import composed
+
+    cfg = {name: dataclasses.replace(composed([f"dataset={name}"]).dataset, cache=str(tmp_path))
+           for name in ("eli5", "metamathqa", "dolly")}
+
+    qa = eli5.load_raw(cfg["eli5"])
+    assert {s: len(r) for s, r in qa.items()} == {"train": 3, "validation": eli5.HUB_HELD_OUT,
+                                                  "test": eli5.HUB_HELD_OUT}
+    assert qa["test"][0] == {"question": f"q{3 + eli5.HUB_HELD_OUT}", "answer": f"a{3 + eli5.HUB_HELD_OUT}",
+                             "answers": [f"a{3 + eli5.HUB_HELD_OUT}"]}
+
+    math_raw = math_problems.load_raw(cfg["metamathqa"])
+    assert len(math_raw["train"]) == 2 and len(math_raw["validation"]) == math_problems.VALIDATION_ROWS
+    assert math_raw["test"][0] == {"query": "Q?", "response": "3 + 4 = 7\n#### 7\nThe answer is: 7"}
+
+    dolly_raw = dolly.load_raw(cfg["dolly"])
+    assert len(dolly_raw["test"]) == dolly.TEST_ROWS and sum(map(len, dolly_raw.values())) == 200
+    assert set(dolly_raw["train"].column_names) == set(dolly.FIELDS)
+    assert calls == [("sentence-transformers/eli5", None), ("openai/gsm8k", "main"),
+                     ("meta-math/MetaMathQA", None), ("databricks/databricks-dolly-15k", None)]
