@@ -121,7 +121,9 @@ def test_table_equals_metrics_json_mean_and_std_over_seeds(root, produced):
         expected.setdefault((cfg["fnmodel"]["name"], cfg["fnmodel"]["rank"]), []).append(folder)
     assert len(table) == len(expected) == 3
     for (method, rank), folders in expected.items():
-        row = table[(table["fnmodel.name"] == method) & (table["fnmodel.rank"] == rank)].iloc[0]
+        shown_rank = "-" if method == "full" else str(rank)  # full fine-tuning has no rank
+        same = (table["fnmodel.name"] == method) & (table["fnmodel.rank"].astype(str) == shown_rank)
+        row = table[same].iloc[0]
         metrics = [runs.read_metrics(f) for f in folders]
         best = [m["best"]["value"] for m in metrics if m]
         assert row["best valid/loss mean"] == pytest.approx(np.mean(best), rel=1e-12)

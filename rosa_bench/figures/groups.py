@@ -65,6 +65,11 @@ def configurations(configs: pd.DataFrame, group_by: list[str] | None = None) -> 
                                    + varying_columns(configs, setting_columns(configs))))
     labels = _labels(configs, shown)
     out = configs[shown].assign(configuration=labels)
+    if METHOD_KEY in configs:  # full fine-tuning has no rank, alpha...: show none in tables
+        adapter_keys = [c for c in shown
+                        if c.startswith("fnmodel.") and c not in (METHOD_KEY, "fnmodel.train_head")]
+        out[adapter_keys] = out[adapter_keys].astype(object)
+        out.loc[configs[METHOD_KEY] == "full", adapter_keys] = "-"
     method_per_config = configs.groupby(labels)[METHOD_KEY].nunique() if METHOD_KEY in configs else None
     by_method = method_per_config is not None and bool((method_per_config == 1).all())
     out["colour_key"] = configs[METHOD_KEY].astype(str) if by_method else labels

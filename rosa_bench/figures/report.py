@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
+
 from rosa_bench.errors import choices_error
 from rosa_bench.figures import plots, tables
 from rosa_bench.figures.collect import Collection, collect
@@ -50,7 +52,8 @@ def _task_outputs(coll: Collection, out: Path, title: str, opts: Options) -> lis
         points = curves[curves["tag"] == tag]
         fig = plots.curve_figure(points, confs, coll.runs, tag, opts.x, opts.band, title)
         written += plots.save(fig, out, plots.tag_stem(tag), opts.dpi)
-    if "fnmodel.rank" in table and table["fnmodel.rank"].astype(str).nunique() > 1:
+    ranks = table["fnmodel.rank"].astype(str) if "fnmodel.rank" in table else pd.Series(dtype=str)
+    if ranks[ranks != "-"].nunique() > 1:  # "-": full fine-tuning has no rank
         fig = plots.rank_sweep_figure(table, tables.best_column(metric), title)
         written += plots.save(fig, out, "rank_sweep", opts.dpi)
     return written
