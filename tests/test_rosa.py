@@ -178,9 +178,9 @@ def test_save_load_after_a_resample_restores_outputs(tmp_path):
 @pytest.mark.parametrize("options,pattern", [
     ({"rank": 1.5}, r"rank=1.5 must be a positive integer or a float in \(0, 1\)"),
     ({"rank": 0}, r"rank=0 must be"),
-    ({"sample_method": "middle"}, r"sample_method='middle'.*random, top, bottom"),
-    ({"factorize_method": "mul"}, r"factorize_method='mul'.*equal, add, random"),
-    ({"factorize_level": "batch"}, r"factorize_level='batch'.*epoch, step"),
+    ({"sample_method": "middle"}, r"sample_method 'middle'.*bottom, random, top"),
+    ({"factorize_method": "mul"}, r"factorize_method 'mul'.*add, equal, random"),
+    ({"factorize_level": "batch"}, r"factorize_level 'batch'.*epoch, step"),
     ({"factorize_freq": -1}, r"factorize_freq=-1 must be an integer >= 0"),
 ])
 def test_bad_options_are_clear_errors(options, pattern):

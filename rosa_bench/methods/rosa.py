@@ -20,7 +20,7 @@ from torch import nn
 
 from rosa_bench.config import MethodConfig
 from rosa_bench.errors import UserError
-from rosa_bench.methods.base import AdapterLayer, Method, layer_shape
+from rosa_bench.methods.base import AdapterLayer, Method, check_choices, layer_shape
 
 if TYPE_CHECKING:
     from rosa_bench.train.loop import Trainer
@@ -116,11 +116,8 @@ class ROSA(Method):
         if not ((is_int and rank >= 1) or (isinstance(rank, float) and 0 < rank < 1)):
             raise UserError(f"fnmodel.rank={rank!r} must be a positive integer or a float in (0, 1) "
                             "(a fraction of each layer's full rank) for rosa")
-        for key, choices in (("sample_method", SAMPLE_METHODS), ("factorize_method", FACTORIZE_METHODS),
-                             ("factorize_level", FACTORIZE_LEVELS)):
-            if getattr(cfg, key) not in choices:
-                raise UserError(f"fnmodel.{key}={getattr(cfg, key)!r} is not allowed; "
-                                f"choose one of: {', '.join(choices)}")
+        check_choices(cfg, sample_method=SAMPLE_METHODS, factorize_method=FACTORIZE_METHODS,
+                      factorize_level=FACTORIZE_LEVELS)
         freq = cfg.factorize_freq
         if not isinstance(freq, int) or isinstance(freq, bool) or freq < 0:
             raise UserError(f"fnmodel.factorize_freq={freq!r} must be an integer >= 0 (0: never resample)")
