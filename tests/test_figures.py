@@ -265,3 +265,11 @@ def test_eval_json_scores_take_numbers_flat_or_nested(tmp_path):
     (tmp_path / "eval_validation_matched.json").write_text(json.dumps(
         {"accuracy": 0.5, "split": "validation_matched", "ok": True, "scores": {"f1": 0.25}}))
     assert collect.read_evals(tmp_path) == {"valid_matched/accuracy": 0.5, "valid_matched/f1": 0.25}
+
+
+def test_test_scores_and_diagnostics_are_not_curves():
+    from rosa_bench.figures.plots import plotted_tags
+
+    tags = ["train/loss", "train/lr", "valid/loss", "valid_mismatched/accuracy", "test/rougeL", "test/loss"]
+    curves = pd.DataFrame({"tag": tags, "step": range(len(tags)), "value": 0.0})
+    assert plotted_tags(curves) == ["train/loss", "valid/loss", "valid_mismatched/accuracy"]

@@ -30,7 +30,8 @@ def axis_label(tag: str) -> str:
 
 
 def plotted_tags(curves: pd.DataFrame) -> list[str]:
-    return sorted(t for t in curves["tag"].unique() if t not in NOT_PLOTTED)
+    """Training and validation curves; test scores (one point a run, from evaluate.py) go to tables."""
+    return sorted(t for t in curves["tag"].unique() if t not in NOT_PLOTTED and not t.startswith("test/"))
 
 
 def with_x(curves: pd.DataFrame, x: str) -> pd.DataFrame:
