@@ -42,8 +42,17 @@ def normalize_overrides(args: list[str]) -> list[str]:
         if match and match.group(1) in SELECTABLE_GROUPS and not arg.startswith("-"):
             out.append(_selection(match.group(1), match.group(2), arg))
         else:
-            out.append(arg)
+            out.append(_quote_tildes(arg))
     return out
+
+
+def _quote_tildes(arg: str) -> str:
+    """`fnmodel.adapter=lowrank~linear` (ColA's mixes, as the seed writes them) quoted for Hydra,
+    whose override grammar rejects a bare '~' inside a value; sweeps quote each choice."""
+    match = re.fullmatch(r"([\w.]+)=([^'\"].*)", arg)
+    if not match or "~" not in match.group(2):
+        return arg
+    return f"{match.group(1)}=" + ",".join(f"'{v}'" for v in match.group(2).split(","))
 
 
 def exit_on_user_error(fn: Callable) -> Callable:

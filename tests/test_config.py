@@ -44,6 +44,15 @@ def test_seed_form_and_group_form_are_the_same():
     assert normalize_overrides(["fnmodel.name=lora,full"]) == ["fnmodel=lora,full"]  # multirun sweeps
 
 
+def test_cola_mixes_need_no_quotes():
+    assert normalize_overrides(["fnmodel.adapter=lowrank~linear"]) == ["fnmodel.adapter='lowrank~linear'"]
+    sweep = normalize_overrides(["fnmodel.adapter=lowrank~linear,mlp"])
+    assert sweep == ["fnmodel.adapter='lowrank~linear','mlp'"]
+    quoted = ["fnmodel.adapter='lowrank~mlp'", "~seed"]  # already quoted, and Hydra's deletion
+    assert normalize_overrides(quoted) == quoted
+    assert composed(["fnmodel=cola", "fnmodel.adapter=lowrank~linear"]).fnmodel.adapter == "lowrank~linear"
+
+
 def test_selecting_a_method_brings_its_defaults():
     run = composed(["fnmodel.name=full"])
     assert run.fnmodel.name == "full"
