@@ -23,7 +23,8 @@ class LoraLayer(AdapterLayer):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def update(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
+        # Scale the rank-r intermediate, not the (tokens, out) result: same math, r/out the work.
+        return F.linear(F.linear(self.dropout(x), self.lora_A) * self.scaling, self.lora_B)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling
