@@ -23,7 +23,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.step_time import SHAPES, run_isolated, save_json  # noqa: E402
+from benchmarks.merged_latency import load  # noqa: E402
+from benchmarks.step_time import run_isolated, save_json  # noqa: E402
 
 # model -> (dataset, train rows of the official release): SST-2 train.tsv, E2E trainset.csv
 EPOCH_ROWS = {"minilm-l6": ("glue/sst2", 67_349), "smollm2-135m": ("e2e_nlg", 42_061)}
@@ -31,14 +32,10 @@ EPOCH_ROWS = {"minilm-l6": ("glue/sst2", 67_349), "smollm2-135m": ("e2e_nlg", 42
 
 def resample_seconds(model_name: str, rank: int, reps: int) -> tuple[list[float], int]:
     """Seconds of each of `reps` resamples of every ROSA layer, and the number of layers."""
-    from rosa_bench.config import ModelConfig
     from rosa_bench.methods import build_method
     from rosa_bench.methods.rosa import RosaConfig
-    from rosa_bench.models import load_model, resolve_model_config
 
-    kind = SHAPES[model_name][2]
-    model, _, family = load_model(resolve_model_config(ModelConfig(), model_name), kind,
-                                  num_labels=2 if kind == "classification" else None)
+    model, family = load(model_name)
     method = build_method(RosaConfig(rank=rank))
     model = method.apply(model, family)
     times = []
