@@ -6,6 +6,9 @@
 
 Every method adapts the same layers (`--targets same`: LoRA's query/value choice) unless
 `--targets default` (each method's paper default) or a list of patterns is given.
+`floor` is not a method but the bound under all of them: the backbone frozen, gradients
+still flowing back to the targets (LoRA's targets under `--targets default`), no adapter
+work; no method on those targets can take a shorter step.
 
 Each (model, method) runs in a fresh child process, so its peak memory is its own: on CUDA
 the allocator's peak, on CPU the child's peak resident memory (and the part added by
@@ -31,8 +34,10 @@ sys.path.insert(0, str(ROOT))
 
 # model -> (batch, seq_len, task kind): the shapes named in the foundation issue
 SHAPES = {"minilm-l6": (32, 64, "classification"), "smollm2-135m": (8, 128, "causal_lm")}
-DEFAULT_METHODS = ("full,lora,peft_lora,rosa,loraxs,rocoft:mode=row,rocoft:mode=column,"
+DEFAULT_METHODS = ("full,floor,lora,peft_lora,rosa,loraxs,rocoft:mode=row,rocoft:mode=column,"
                    "cola:adapter=lowrank,cola:adapter=linear")
+# Not a method: the lower bound of every adapter on the same targets (see `apply_floor`).
+FLOOR = "floor"
 
 
 def _rss_mb() -> float:
@@ -55,11 +60,15 @@ def measure(model_name: str, method: str, options: dict, steps: int, warmup: int
     model, _, family = load_model(resolve_model_config(ModelConfig(), model_name), kind,
                                   num_labels=2 if kind == "classification" else None)
     options = resolve_targets(options, family)
-    cfg = method_class(method).config_class(name=method, **options)
-    adapter = build_method(cfg)
-    model = adapter.apply(model, family).to(device).train()
-    params = adapter.optimizer_parameters(model)  # ColA: adapters outside the backbone
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    if method == FLOOR:
+        from rosa_bench.methods.base import Method
+        adapter, params = None, apply_floor(model, options.get("targets") or Method.default_targets[family])
+    else:
+        adapter = build_method(method_class(method).config_class(name=method, **options))
+        model = adapter.apply(model, family)
+        params = adapter.optimizer_parameters(model)  # ColA: adapters outside the backbone
+    model = model.to(device).train()
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
     ids = torch.randint(100, 1000, (batch, seq), device=device)
     labels = torch.randint(0, 2, (batch,), device=device) if kind == "classification" else ids
     loaded_mb = _rss_mb()
@@ -72,9 +81,11 @@ def measure(model_name: str, method: str, options: dict, steps: int, warmup: int
         start = time.perf_counter()
         loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
         loss.backward()
-        adapter.before_optimizer_step()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if adapter is not None:
+            adapter.before_optimizer_step()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= warmup:
@@ -82,14 +93,34 @@ def measure(model_name: str, method: str, options: dict, steps: int, warmup: int
     median = statistics.median(times)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _rss_mb()
     state = [t for p in params for t in (p, p.grad, *optimizer.state[p].values()) if torch.is_tensor(t)]
+    trainable = trainable_parameter_count(model) if adapter is not None else sum(p.numel() for p in params)
     return {"model": model_name, "method": method, "label": label(method, options), "options": options,
             "adapter_device": ",".join(sorted({str(p.device) for p in params})),
             "adapter_state_mb": sum(t.numel() * t.element_size() for t in state) / 2**20,
-            "trainable_params": trainable_parameter_count(model),
+            "trainable_params": trainable,
             "median_step_s": median, "min_step_s": min(times), "step_times": times,
             "tokens_per_s": batch * seq / median,
             "peak_mem_mb": peak, "train_mem_mb": peak - (0 if device.type == "cuda" else loaded_mb),
             "batch": batch, "seq_len": seq, "device": device.type}
+
+
+def apply_floor(model, patterns: list[str]) -> list:
+    """Freeze the backbone and make the target layers' outputs require a gradient: backward
+    then runs exactly as deep and wide as it must for any adapter on those layers, with no
+    adapter work at all. Its step time is the lower bound of every method on these targets.
+    Returns the trainable (head) parameters."""
+    from rosa_bench.methods.base import find_targets, is_head
+
+    model.requires_grad_(False)
+    for name, param in model.named_parameters():
+        param.requires_grad_(is_head(name))
+
+    def need_grad(module, args, output):
+        return output if output.requires_grad else output.requires_grad_()
+
+    for name in find_targets(model, patterns):
+        model.get_submodule(name).register_forward_hook(need_grad)
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def _child(queue: mp.Queue, *args) -> None:

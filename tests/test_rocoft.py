@@ -46,6 +46,7 @@ def test_update_touches_only_the_selected_rows_or_columns(mode, conv1d):
     torch.manual_seed(0)
     base = Conv1D(6, 5) if conv1d else nn.Linear(5, 6)  # both: 5 inputs -> 6 outputs
     layer = RoCoFTLayer(base, mode, torch.tensor([1, 4]))
+    w0 = layer.weight.detach().clone()
     nn.init.normal_(layer.rocoft_delta)
     delta = layer.delta_weight()
     other = [i for i in range(delta.shape[0 if mode == "row" else 1]) if i not in (1, 4)]
@@ -53,8 +54,58 @@ def test_update_touches_only_the_selected_rows_or_columns(mode, conv1d):
     assert untouched.abs().max() == 0
     assert (delta[[1, 4]] if mode == "row" else delta[:, [1, 4]]).abs().min() > 0
     x = torch.randn(2, 3, 5)
-    torch.testing.assert_close(layer(x), x @ (layer.weight + delta).T + base.bias)
+    torch.testing.assert_close(layer(x), x @ (w0 + delta).T + base.bias)
     torch.testing.assert_close(layer.update(x), x @ delta.T)
+    torch.testing.assert_close(layer.weight, w0 + delta)  # the base weight carries W0 + R
+
+
+@pytest.mark.parametrize("train_bias", [False, True])
+@pytest.mark.parametrize("conv1d", [False, True])
+@pytest.mark.parametrize("mode", MODES)
+def test_gradients_match_autograd_through_the_dense_update(mode, conv1d, train_bias):
+    """The hand-written backward (dx, dR, db) against autograd on x (W0 + R)^T + b, in float64."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    base = (Conv1D(6, 5) if conv1d else nn.Linear(5, 6)).double()
+    w0, b0 = base.weight.detach().clone(), base.bias.detach().clone()
+    layer = RoCoFTLayer(base, mode, torch.tensor([0, 3]))
+    base.bias.requires_grad_(train_bias)
+    nn.init.normal_(layer.rocoft_delta)
+    delta = layer.rocoft_delta.detach().clone().requires_grad_()
+    bias = b0.clone().requires_grad_()
+    x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    weight0 = w0.T if conv1d else w0
+    dense = torch.zeros_like(weight0).index_add(0 if mode == "row" else 1, torch.tensor([0, 3]), delta)
+    upstream = torch.randn(2, 3, 6, dtype=torch.float64)
+    (layer(x) * upstream).sum().backward()
+    ((x_ref @ (weight0 + dense).T + bias) * upstream).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(layer.rocoft_delta.grad, delta.grad)
+    assert (base.bias.grad is not None) == train_bias
+    if train_bias:
+        torch.testing.assert_close(base.bias.grad, bias.grad)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_optimizer_steps_reach_the_base_weight(mode):
+    """After AdamW moves R, the next forward (train or eval) computes with W0 + R."""
+    torch.manual_seed(0)
+    base = nn.Linear(5, 6)
+    w0 = base.weight.detach().clone()
+    layer = RoCoFTLayer(base, mode, torch.tensor([2, 5] if mode == "row" else [1, 2]))
+    optimizer = torch.optim.AdamW([layer.rocoft_delta], lr=0.1)
+    x = torch.randn(4, 5)
+    for _ in range(2):
+        layer(x).pow(2).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert layer.rocoft_delta.abs().min() > 0
+    expected = x @ (w0 + layer.delta_weight()).T + base.bias
+    torch.testing.assert_close(layer(x), expected)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -1,9 +1,11 @@
 """RoCoFT (Kowsher et al., 2024): train k rows (mode=row) or k columns (mode=column) of each
 target weight, W = W0 + R with R non-zero only on those rows/columns; k = fnmodel.rank.
 
-The update is one thin extra product added into the base output in place (row: x R^T
-scattered into the k selected outputs; column: x[..., cols] R^T), never a rebuilt (out, in)
-weight; merge() folds R into W. Biases stay frozen unless fnmodel.train_bias, so counts are
+Efficient by construction: the base weight itself holds W0 + R (only its k chosen slices are
+rewritten, at each forward), so a forward is the frozen layer's own product and nothing is
+added to its output; backward gives dx as for a frozen layer plus one thin product for R's
+gradient. No (out, in) weight is rebuilt and no (out, in) gradient formed; merge() simply
+hands back the base layer. Biases stay frozen unless fnmodel.train_bias, so counts are
 k * in (rows) or k * out (columns) per layer, as the paper counts them.
 
 Which rows/columns (fnmodel.select): `first`, `random`, or `prune`: a Wanda-style score, the
@@ -49,42 +51,86 @@ class RoCoFTConfig(MethodConfig):
     train_bias: bool = False  # also train the target layers' biases (off: the paper's counts)
 
 
+class _SliceTrainedLinear(torch.autograd.Function):
+    """y = x W^T + b, where W already holds W0 + R on the chosen rows (columns). Backward
+    returns dx = dy W (as for any frozen layer) and the gradient of R alone: dy[:, rows]^T x
+    (dy^T x[:, cols]). Nothing is added in the forward and no (out, in) gradient is formed."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, delta, index, row: bool):  # noqa: ANN001 (autograd API)
+        ctx.row, ctx.x_dtype, ctx.delta_dtype = row, x.dtype, delta.dtype
+        ctx.save_for_backward(weight, x if row else x.index_select(-1, index), index)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):  # noqa: ANN205
+        weight, seen, index = ctx.saved_tensors
+        grad_x = (grad_y @ weight.to(grad_y.dtype)).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        flat_grad = grad_y.reshape(-1, grad_y.shape[-1])
+        flat_seen = seen.reshape(-1, seen.shape[-1]).to(flat_grad.dtype)
+        # Both as (k, tokens) @ (tokens, n): BLAS is several times slower at (n, tokens) @ (tokens, k).
+        if ctx.row:
+            grad_delta = flat_grad.index_select(1, index).T @ flat_seen
+        else:
+            grad_delta = (flat_seen.T @ flat_grad).T
+        grad_bias = flat_grad.sum(0) if ctx.needs_input_grad[2] else None
+        return grad_x, None, grad_bias, grad_delta.to(ctx.delta_dtype), None, None
+
+
 class RoCoFTLayer(AdapterLayer):
+    """The base weight itself carries W0 + R on the chosen slices (rewritten from the
+    trainable `rocoft_delta` and the kept originals at every forward, k slices of work), so a
+    forward is the plain base product and merge() has nothing left to add."""
+
     def __init__(self, base_layer: nn.Module, mode: str, index: torch.Tensor):
         super().__init__(base_layer)
         self.mode = mode
+        self.dim = 0 if mode == "row" else 1  # the dimension of the (out, in) weight indexed
         w = self.weight
-        shape = (len(index), self.in_features) if mode == "row" else (self.out_features, len(index))
         self.register_buffer("rocoft_index", index.to(w.device))
-        self.rocoft_delta = nn.Parameter(torch.zeros(shape, dtype=w.dtype, device=w.device))
+        # W0 on the chosen slices, to rebuild W0 + R and to restore W0 when the slices change;
+        # not saved: it is the base model's own weight at `rocoft_index`.
+        self.register_buffer("rocoft_origin", w.index_select(self.dim, self.rocoft_index).clone(),
+                             persistent=False)
+        self.rocoft_delta = nn.Parameter(torch.zeros_like(self.rocoft_origin))
         self.needs_calibration = False  # set for select=prune until indices are chosen
 
-    def _add_update(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """y += the update of x, in place (no (out, in) weight is ever formed). Operands take
-        y's dtype, since in-place ops are outside autocast's reach."""
-        if self.mode == "row":
-            return y.index_add_(-1, self.rocoft_index, F.linear(x, self.rocoft_delta).to(y.dtype))
-        cols = x.index_select(-1, self.rocoft_index).reshape(-1, len(self.rocoft_index))
-        y.view(-1, self.out_features).addmm_(cols.to(y.dtype), self.rocoft_delta.T.to(y.dtype))
-        return y
+    @torch.no_grad()
+    def _write_slices(self, values: torch.Tensor) -> None:
+        self.weight.index_copy_(self.dim, self.rocoft_index, values.to(self.weight.dtype))
 
     def update(self, x: torch.Tensor) -> torch.Tensor:
-        return self._add_update(x.new_zeros(*x.shape[:-1], self.out_features), x)
+        return F.linear(x, self.delta_weight())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.needs_calibration and self.training:
             raise UserError("rocoft select=prune: call attached_method(model).calibrate(model, batches) "
                             "before training (the trainer does this itself)")
-        return self._add_update(self.base_layer(x), x)
+        self._write_slices(self.rocoft_origin + self.rocoft_delta)
+        if not (torch.is_grad_enabled() and self.rocoft_delta.requires_grad):
+            return self.base_layer(x)
+        return _SliceTrainedLinear.apply(x, self.weight, self.base_layer.bias, self.rocoft_delta,
+                                         self.rocoft_index, self.mode == "row")
 
     def delta_weight(self) -> torch.Tensor:
-        dim = 0 if self.mode == "row" else 1
-        return torch.zeros_like(self.weight).index_add_(dim, self.rocoft_index, self.rocoft_delta)
+        return torch.zeros_like(self.weight).index_add_(self.dim, self.rocoft_index, self.rocoft_delta)
+
+    @torch.no_grad()
+    def merge(self) -> nn.Module:
+        self._write_slices(self.rocoft_origin + self.rocoft_delta)
+        return self.base_layer
+
+    @torch.no_grad()
+    def restore_base(self) -> None:
+        """Put W0 back on the current slices (before they change or are reloaded)."""
+        self._write_slices(self.rocoft_origin)
 
     @torch.no_grad()
     def select(self, index: torch.Tensor) -> None:
-        """Adopt new rows/columns; the update restarts at zero, so the function is unchanged."""
+        """Adopt new rows/columns; the update restarts at zero, so the function is W0's."""
+        self.restore_base()
         self.rocoft_index.copy_(index)
+        self.rocoft_origin.copy_(self.weight.index_select(self.dim, self.rocoft_index))
         self.rocoft_delta.zero_()
         self.needs_calibration = False
 
@@ -136,6 +182,8 @@ class RoCoFT(Method):
         """Choose every layer's rows/columns by the prune score over `batches` (dicts of model
         inputs), run through the whole model in eval mode; resets the updates to zero."""
         layers = [layer for _, layer in self.adapter_layers(model)]
+        for layer in layers:
+            layer.select(layer.rocoft_index)  # back to W0, so the scores see the base weights
         sums = {layer: torch.zeros(self._size(layer.base_layer), device=layer.weight.device)
                 for layer in layers}
         mask: list[torch.Tensor | None] = [None]
@@ -148,7 +196,7 @@ class RoCoFT(Method):
                 sums[layer] += feats.reshape(-1, feats.shape[-1]).float().pow(2).sum(0)
             return record
 
-        handles = [layer.base_layer.register_forward_hook(hook(layer)) for layer in layers]
+        handles = [layer.register_forward_hook(hook(layer)) for layer in layers]
         device = next(model.parameters()).device
         was_training = model.training
         model.eval()
@@ -184,7 +232,13 @@ class RoCoFT(Method):
         trainer.reset_optimizer_state([layer.rocoft_delta for _, layer in self.adapter_layers(model)])
 
     def load_checkpoint_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        """Restored indices count as chosen: a reloaded prune run needs no calibration."""
+        """W0 comes back on the old slices before the saved ones are read; restored indices
+        count as chosen, so a reloaded prune run needs no calibration."""
+        layers = [layer for _, layer in self.adapter_layers(model)]
+        for layer in layers:
+            layer.restore_base()
         super().load_checkpoint_state(model, state)
-        for _, layer in self.adapter_layers(model):
-            layer.needs_calibration = False
+        with torch.no_grad():
+            for layer in layers:
+                layer.rocoft_origin.copy_(layer.weight.index_select(layer.dim, layer.rocoft_index))
+                layer.needs_calibration = False
