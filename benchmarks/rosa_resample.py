@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.merged_latency import load  # noqa: E402
-from benchmarks.step_time import run_isolated, save_json  # noqa: E402
+from benchmarks.step_time import SHAPES, interleaved_times, run_isolated, save_json  # noqa: E402
 
 # model -> (dataset, train rows of the official release): SST-2 train.tsv, E2E trainset.csv
 EPOCH_ROWS = {"minilm-l6": ("glue/sst2", 67_349), "smollm2-135m": ("e2e_nlg", 42_061)}
@@ -62,17 +62,18 @@ def main() -> None:
     for model_name in args.models.split(","):
         print(f"measuring {model_name} ...", flush=True)
         times, layers = resample_seconds(model_name, args.rank, args.reps)
-        step = run_isolated(model_name, "rosa", {"rank": args.rank}, args.steps, args.warmup, args.threads)
+        [steps] = run_isolated(interleaved_times, model_name, [("rosa", {"rank": args.rank})], args.steps,
+                               args.warmup, args.threads)
+        step_s, (batch, seq_len, _) = statistics.median(steps), SHAPES[model_name]
         dataset, train_rows = EPOCH_ROWS[model_name]
-        steps_per_epoch = math.ceil(train_rows / step["batch"])
-        epoch_s = steps_per_epoch * step["median_step_s"]
+        steps_per_epoch = math.ceil(train_rows / batch)
+        epoch_s = steps_per_epoch * step_s
         resample_s = statistics.median(times)
         rows.append({"model": model_name, "dataset": dataset, "rank": args.rank, "rosa_layers": layers,
                      "resample_s": resample_s, "resample_max_s": max(times),
-                     "median_step_s": step["median_step_s"], "batch": step["batch"],
-                     "seq_len": step["seq_len"], "steps_per_epoch": steps_per_epoch, "epoch_s": epoch_s,
-                     "resample_vs_epoch": resample_s / epoch_s,
-                     "resample_vs_step": resample_s / step["median_step_s"]})
+                     "median_step_s": step_s, "batch": batch, "seq_len": seq_len,
+                     "steps_per_epoch": steps_per_epoch, "epoch_s": epoch_s,
+                     "resample_vs_epoch": resample_s / epoch_s, "resample_vs_step": resample_s / step_s})
     cols = ["model", "dataset", "rosa_layers", "resample_s", "median_step_s", "steps_per_epoch", "epoch_s",
             "resample_vs_epoch", "resample_vs_step"]
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))

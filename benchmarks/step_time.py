@@ -10,10 +10,13 @@ Every method adapts the same layers (`--targets same`: LoRA's query/value choice
 still flowing back to the targets (LoRA's targets under `--targets default`), no adapter
 work; no method on those targets can take a shorter step.
 
-Each (model, method) runs in a fresh child process, so its peak memory is its own: on CUDA
-the allocator's peak, on CPU the child's peak resident memory (and the part added by
-training, over the loaded model). `adapter_state_mb` is what the trained tensors, their gradients
-and AdamW moments take, on `adapter_device` (ColA keeps them off the backbone's device:
+Step times come from one child process per model that holds every method's model and steps
+them in turn, one step each, so the machine's slow drifts hit every method alike and the
+ratios hold even where absolute times wander. Peak memory comes from a separate short run of
+each (model, method) in a fresh child process: on CUDA the allocator's peak, on CPU the
+child's peak resident memory (and the part added by training, over the loaded model).
+`adapter_state_mb` is what the trained tensors, their gradients and AdamW moments take, on
+`adapter_device` (ColA keeps them off the backbone's device:
 `--methods lora,cola:adapter=lowrank,cola:adapter=linear`). Prints a table and writes JSON.
 """
 
@@ -44,64 +47,109 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(model_name: str, method: str, options: dict, steps: int, warmup: int, threads: int) -> dict:
-    """Time `steps` AdamW training steps of `method` on random tokens (child process)."""
+class Bench:
+    """One method on one model with its optimizer and a fixed random batch, ready to take
+    timed AdamW training steps."""
+
+    def __init__(self, model_name: str, method: str, options: dict):
+        import torch
+
+        from rosa_bench.config import ModelConfig
+        from rosa_bench.methods import build_method, method_class
+        from rosa_bench.methods.base import Method
+        from rosa_bench.models import load_model, resolve_model_config
+
+        torch.manual_seed(0)
+        self.model_name, self.method = model_name, method
+        batch, seq, kind = SHAPES[model_name]
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model, _, family = load_model(resolve_model_config(ModelConfig(), model_name), kind,
+                                      num_labels=2 if kind == "classification" else None)
+        self.options = resolve_targets(options, family)
+        if method == FLOOR:
+            self.adapter = None
+            self.params = apply_floor(model, self.options.get("targets") or Method.default_targets[family])
+        else:
+            self.adapter = build_method(method_class(method).config_class(name=method, **self.options))
+            model = self.adapter.apply(model, family)
+            self.params = self.adapter.optimizer_parameters(model)  # ColA: adapters outside the backbone
+        self.model = model.to(self.device).train()
+        self.optimizer = torch.optim.AdamW(self.params, lr=1e-4) if self.params else None
+        self.ids = torch.randint(100, 1000, (batch, seq), device=self.device)
+        self.labels = (torch.randint(0, 2, (batch,), device=self.device) if kind == "classification"
+                       else self.ids)
+
+    def _sync(self) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def step(self) -> float:
+        """One training step; returns its wall time in seconds."""
+        import torch
+
+        self._sync()
+        start = time.perf_counter()
+        mask = torch.ones_like(self.ids)
+        self.model(input_ids=self.ids, attention_mask=mask, labels=self.labels).loss.backward()
+        if self.adapter is not None:
+            self.adapter.before_optimizer_step()
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self._sync()
+        return time.perf_counter() - start
+
+    def describe(self) -> dict:
+        """What was trained, and what its trained state takes (after some steps)."""
+        import torch
+
+        from rosa_bench.methods.base import trainable_parameter_count
+
+        state = [t for p in self.params for t in (p, p.grad, *self.optimizer.state[p].values())
+                 if torch.is_tensor(t)]
+        trainable = (trainable_parameter_count(self.model) if self.adapter is not None
+                     else sum(p.numel() for p in self.params))
+        batch, seq, _ = SHAPES[self.model_name]
+        return {"model": self.model_name, "method": self.method, "label": label(self.method, self.options),
+                "options": self.options, "trainable_params": trainable,
+                "adapter_device": ",".join(sorted({str(p.device) for p in self.params})),
+                "adapter_state_mb": sum(t.numel() * t.element_size() for t in state) / 2**20,
+                "batch": batch, "seq_len": seq, "device": self.device.type}
+
+
+def memory(model_name: str, method: str, options: dict, steps: int, threads: int) -> dict:
+    """Peak memory of `steps` training steps of one method, alone in this (child) process."""
     import torch
 
-    from rosa_bench.config import ModelConfig
-    from rosa_bench.methods import build_method, method_class
-    from rosa_bench.methods.base import trainable_parameter_count
-    from rosa_bench.models import load_model, resolve_model_config
+    torch.set_num_threads(threads)
+    bench = Bench(model_name, method, options)
+    loaded_mb = _rss_mb()
+    if bench.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(steps):
+        bench.step()
+    cuda = bench.device.type == "cuda"
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _rss_mb()
+    return bench.describe() | {"peak_mem_mb": peak, "train_mem_mb": peak - (0 if cuda else loaded_mb)}
+
+
+def interleaved_times(model_name: str, methods: list[tuple[str, dict]], steps: int, warmup: int,
+                      threads: int) -> list[list[float]]:
+    """Step times of every method, all loaded in this one (child) process and stepping in turn,
+    one step each: the machine's slow drifts then hit every method alike."""
+    import torch
 
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    batch, seq, kind = SHAPES[model_name]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, _, family = load_model(resolve_model_config(ModelConfig(), model_name), kind,
-                                  num_labels=2 if kind == "classification" else None)
-    options = resolve_targets(options, family)
-    if method == FLOOR:
-        from rosa_bench.methods.base import Method
-        adapter, params = None, apply_floor(model, options.get("targets") or Method.default_targets[family])
-    else:
-        adapter = build_method(method_class(method).config_class(name=method, **options))
-        model = adapter.apply(model, family)
-        params = adapter.optimizer_parameters(model)  # ColA: adapters outside the backbone
-    model = model.to(device).train()
-    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
-    ids = torch.randint(100, 1000, (batch, seq), device=device)
-    labels = torch.randint(0, 2, (batch,), device=device) if kind == "classification" else ids
-    loaded_mb = _rss_mb()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
+    benches = [Bench(model_name, method, options) for method, options in methods]
+    times: list[list[float]] = [[] for _ in benches]
     for i in range(warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
-        loss.backward()
-        if adapter is not None:
-            adapter.before_optimizer_step()
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    median = statistics.median(times)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _rss_mb()
-    state = [t for p in params for t in (p, p.grad, *optimizer.state[p].values()) if torch.is_tensor(t)]
-    trainable = trainable_parameter_count(model) if adapter is not None else sum(p.numel() for p in params)
-    return {"model": model_name, "method": method, "label": label(method, options), "options": options,
-            "adapter_device": ",".join(sorted({str(p.device) for p in params})),
-            "adapter_state_mb": sum(t.numel() * t.element_size() for t in state) / 2**20,
-            "trainable_params": trainable,
-            "median_step_s": median, "min_step_s": min(times), "step_times": times,
-            "tokens_per_s": batch * seq / median,
-            "peak_mem_mb": peak, "train_mem_mb": peak - (0 if device.type == "cuda" else loaded_mb),
-            "batch": batch, "seq_len": seq, "device": device.type}
+        for bench, measured in zip(benches, times):
+            elapsed = bench.step()
+            if i >= warmup:
+                measured.append(elapsed)
+    return times
 
 
 def apply_floor(model, patterns: list[str]) -> list:
@@ -123,14 +171,15 @@ def apply_floor(model, patterns: list[str]) -> list:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _child(queue: mp.Queue, *args) -> None:
-    queue.put(measure(*args))
+def _child(queue: mp.Queue, fn, *args) -> None:
+    queue.put(fn(*args))
 
 
-def run_isolated(*args) -> dict:
+def run_isolated(fn, *args):
+    """fn(*args) in a fresh child process, so its memory peak and threads are its own."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(queue, *args))
+    proc = ctx.Process(target=_child, args=(queue, fn, *args))
     proc.start()
     result = queue.get()
     proc.join()
@@ -201,35 +250,27 @@ def main() -> None:
     parser.add_argument("--targets", nargs="+", default=["same"],
                         help="'same' (LoRA's query/value for every method), 'default' (each "
                              "method's own), or module-name patterns")
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per round")
-    parser.add_argument("--rounds", type=int, default=2, help="turns each method takes")
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per method")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--memory-steps", type=int, default=3,
+                        help="steps of the separate run that measures each method's peak memory")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "step_time.json"))
     args = parser.parse_args()
     rows = []
     for model_name in args.models.split(","):
         methods = parse_methods(args.methods, args.rank, args.targets)
-        rounds: list[list[dict]] = [[] for _ in methods]
-        for r in range(args.rounds):  # methods take turns, so slow drifts in load hit all alike
-            for i, (method, options) in enumerate(methods):
-                print(f"measuring {model_name} / {method} {options or ''} (round {r + 1}) ...", flush=True)
-                rounds[i].append(run_isolated(model_name, method, options, args.steps, args.warmup,
-                                              args.threads))
-        rows += [pooled(measured) for measured in rounds]
+        print(f"timing {model_name}: {len(methods)} methods stepping in turn ...", flush=True)
+        times = run_isolated(interleaved_times, model_name, methods, args.steps, args.warmup, args.threads)
+        for (method, options), measured in zip(methods, times):
+            print(f"memory of {model_name} / {method} {options or ''} ...", flush=True)
+            row = run_isolated(memory, model_name, method, options, args.memory_steps, args.threads)
+            median = statistics.median(measured)
+            rows.append(row | {"median_step_s": median, "min_step_s": min(measured), "step_times": measured,
+                               "tokens_per_s": row["batch"] * row["seq_len"] / median})
     add_ratios(rows)
     print(table(rows))
-    save_json(Path(args.out), rows, steps=args.steps, warmup=args.warmup, rounds=args.rounds)
-
-
-def pooled(measured: list[dict]) -> dict:
-    """One row from a method's rounds: medians over every timed step, the highest memory."""
-    times = [t for m in measured for t in m["step_times"]]
-    row = dict(measured[0], step_times=times, median_step_s=statistics.median(times), min_step_s=min(times))
-    row["tokens_per_s"] = row["batch"] * row["seq_len"] / row["median_step_s"]
-    for key in ("peak_mem_mb", "train_mem_mb"):
-        row[key] = max(m[key] for m in measured)
-    return row
+    save_json(Path(args.out), rows, steps=args.steps, warmup=args.warmup, threads=args.threads)
 
 
 def save_json(out: Path, rows: list[dict], **meta) -> None:
