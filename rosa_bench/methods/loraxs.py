@@ -58,9 +58,10 @@ class LoraXSLayer(AdapterLayer):
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
     def update(self, x: torch.Tensor) -> torch.Tensor:
-        # Three thin products (in -> r -> r -> out): no r x in or out x r weight gradient.
-        h = F.linear(F.linear(self.dropout(x), self.lora_xs_A), self.lora_xs_R)
-        return F.linear(h, self.lora_xs_B) * self.scaling
+        # Three thin products (in -> r -> r -> out): no r x in or out x r weight gradient. The
+        # scale goes on the rank-r intermediate, not on the (tokens, out) result.
+        h = F.linear(F.linear(self.dropout(x), self.lora_xs_A), self.lora_xs_R) * self.scaling
+        return F.linear(h, self.lora_xs_B)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_xs_B @ self.lora_xs_R @ self.lora_xs_A) * self.scaling
