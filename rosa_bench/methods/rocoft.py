@@ -121,6 +121,11 @@ class RoCoFTLayer(AdapterLayer):
         return self.base_layer
 
     @torch.no_grad()
+    def capture_origin(self) -> None:
+        """Keep the base weight's current values on the chosen slices as W0."""
+        self.rocoft_origin.copy_(self.weight.index_select(self.dim, self.rocoft_index))
+
+    @torch.no_grad()
     def restore_base(self) -> None:
         """Put W0 back on the current slices (before they change or are reloaded)."""
         self._write_slices(self.rocoft_origin)
@@ -130,7 +135,7 @@ class RoCoFTLayer(AdapterLayer):
         """Adopt new rows/columns; the update restarts at zero, so the function is W0's."""
         self.restore_base()
         self.rocoft_index.copy_(index)
-        self.rocoft_origin.copy_(self.weight.index_select(self.dim, self.rocoft_index))
+        self.capture_origin()
         self.rocoft_delta.zero_()
         self.needs_calibration = False
 
@@ -238,7 +243,6 @@ class RoCoFT(Method):
         for layer in layers:
             layer.restore_base()
         super().load_checkpoint_state(model, state)
-        with torch.no_grad():
-            for layer in layers:
-                layer.rocoft_origin.copy_(layer.weight.index_select(layer.dim, layer.rocoft_index))
-                layer.needs_calibration = False
+        for layer in layers:
+            layer.capture_origin()
+            layer.needs_calibration = False
