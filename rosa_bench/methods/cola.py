@@ -2,18 +2,28 @@
 
 The backbone is frozen and holds no trainable parameter. Each adapted layer computes
 h = f(x) + alpha * g(x), where the adapters g (one per user) live on `fnmodel.adapter_device`,
-outside the backbone's autograd graph: the forward adds g's output as a fresh leaf tensor whose
-gradient hook captures dL/d(alpha g). Every `fnmodel.interval` optimizer steps the adapters are
-fitted from the buffered (x, gradient) pairs ("gradient learning"): the gradient of
-1/2 ||alpha g(x) - (alpha g(x).detach() - grad)||^2 is exactly the loss's gradient for the
-adapter, which the trainer's optimizer then steps like any parameter.
+outside the backbone's autograd graph. `AdapterOutput` adds alpha * g(x) to the backbone's graph
+as a function of x alone: its backward passes alpha * g'(x)^T dL/dh on to x (so every earlier
+layer sees the adapters' own contribution, as in ordinary backprop) and buffers the pair
+(x, dL/d(alpha g)), while the adapters' parameters never enter the backbone's graph. Every
+`fnmodel.interval` optimizer steps the adapters are fitted from the buffered pairs ("gradient
+learning"): the gradient of 1/2 ||alpha g(x) - (alpha g(x).detach() - grad)||^2 is the loss's
+gradient for the adapter, which the trainer's optimizer then steps like any parameter.
+
+Relation to ordinary backprop (tested in tests/test_cola.py at every step, not just the first):
+- one user, or `collab=alone` (each example reaches only its own user's adapters): the fitted
+  gradient equals backprop's exactly; with `interval` k, it is the sum of backprop's gradients
+  over the interval's k batches (the adapters do not move inside an interval).
+- `collab=col` with K users: the forward uses the users' mean, alpha/K sum_j g_j(x), but each user
+  is fitted on its own examples only (as in the original code), so user k's gradient is
+  K * d/d(theta_k) of the loss restricted to user k's examples (the other examples' terms of the
+  batch loss dropped, its normaliser kept), not backprop's gradient of the whole batch loss.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -127,6 +137,29 @@ class Routing:
         return self.alpha * out
 
 
+class AdapterOutput(torch.autograd.Function):
+    """alpha * g(x) as a node of the backbone's graph whose only differentiable input is x."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, anchor: torch.Tensor, site: Site,
+                users: torch.Tensor | None) -> torch.Tensor:
+        xa = x.detach().to(site.routing.device, torch.float32)
+        with torch.no_grad():
+            out = site.routing.mix(site.adapters, xa, users)
+        ctx.site, ctx.users, ctx.xa, ctx.x_dtype = site, users, xa, x.dtype
+        return out.to(x.device, x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+        site, xa = ctx.site, ctx.xa
+        grad_a = grad.detach().to(xa.device, torch.float32)
+        site.capture(xa, ctx.users, grad_a)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = site.input_gradient(xa, ctx.users, grad_a).to(grad.device, ctx.x_dtype)
+        return dx, None, None, None
+
+
 class Site:
     """One adapted layer's per-user adapters and the (input, user ids, output gradient) triples
     captured since the last fit. A plain object, not a Module, so moving the backbone never
@@ -135,6 +168,9 @@ class Site:
     def __init__(self, adapters: nn.ModuleList, routing: Routing):
         self.adapters = adapters
         self.routing = routing
+        # AdapterOutput's output needs a grad-requiring input even where x has none (the first
+        # adapted layer of a frozen backbone), or its backward, and so the capture, never runs.
+        self._anchor = torch.empty(0, requires_grad=True)
         self.pairs: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
 
     def _users(self, batch_size: int) -> torch.Tensor | None:
@@ -147,8 +183,8 @@ class Site:
         return users
 
     def output(self, x: torch.Tensor, capture: bool) -> torch.Tensor:
-        """alpha * g(x) on x's device; with `capture`, a leaf outside the adapters' graph whose
-        gradient is buffered for `fit`."""
+        """alpha * g(x) on x's device; with `capture`, through `AdapterOutput`, which buffers
+        the output's gradient for `fit` and keeps the adapters' parameters out of x's graph."""
         users = self._users(x.shape[0])
         if not capture:
             xa = x.to(self.routing.device, torch.float32)
@@ -156,15 +192,18 @@ class Site:
         if users is None and len(self.adapters) > 1:
             raise UserError(f"fnmodel.users={len(self.adapters)} needs a user id per training example "
                             "(a 'user' batch field, as dataset=dolly gives); this dataset names none")
-        xa = x.detach().to(self.routing.device, torch.float32)
-        with torch.no_grad():
-            out = self.routing.mix(self.adapters, xa, users)
-        leaf = out.to(x.device, x.dtype).requires_grad_(True)
-        leaf.register_hook(partial(self._capture, xa, users))
-        return leaf
+        return AdapterOutput.apply(x, self._anchor, self, users)
 
-    def _capture(self, x: torch.Tensor, users: torch.Tensor | None, grad: torch.Tensor) -> None:
-        self.pairs.append((x, users, grad.detach().to(x.device, torch.float32)))
+    def input_gradient(self, x: torch.Tensor, users: torch.Tensor | None, grad: torch.Tensor) -> torch.Tensor:
+        """alpha * g'(x)^T grad: the adapters' path to the layer's input, with respect to x only
+        (the adapters' own .grad is left alone: `fit` fills it)."""
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            (dx,) = torch.autograd.grad(self.routing.mix(self.adapters, x, users), x, grad)
+        return dx
+
+    def capture(self, x: torch.Tensor, users: torch.Tensor | None, grad: torch.Tensor) -> None:
+        self.pairs.append((x, users, grad))
 
     def fit(self) -> None:
         """Accumulate each adapter's gradient from its own users' buffered pairs, then forget them."""
