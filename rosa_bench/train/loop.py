@@ -195,11 +195,19 @@ class Trainer:
                             self.global_step)
 
     def _track_best(self, scores: dict[str, float]) -> None:
-        value = scores[self.task.metric_name]
-        best = self.best.get("value")
-        better = best is None or (value > best if self.task.greater_is_better else value < best)
+        """NaN (a diverged model's score) ranks below every number; a later number replaces it."""
+        sign = 1.0 if self.task.greater_is_better else -1.0
+
+        def rank(value: float | None) -> float:
+            return -math.inf if value is None or math.isnan(value) else sign * value
+
+        name, value = self.task.metric_name, scores[self.task.metric_name]
+        if math.isnan(value):
+            self.accelerator.print(f"warning: {name} on split {self.task.validation_splits[0]!r} is NaN at "
+                                   f"step {self.global_step}; it ranks worst for the best checkpoint")
+        better = "value" not in self.best or rank(value) > rank(self.best["value"])
         if better:
-            self.best = {"metric": self.task.metric_name, "value": value, "step": self.global_step,
+            self.best = {"metric": name, "value": value, "step": self.global_step,
                          "epoch": self.epoch, "scores": scores}
             if self.accelerator.is_main_process:
                 ckpt.save_checkpoint(runs.checkpoint_dir(self.folder, "best"), self._model_state(),
