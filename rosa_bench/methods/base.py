@@ -247,6 +247,11 @@ class Method:
         attach(model, self)
         return model
 
+    def set_head_trainable(self, model: nn.Module) -> None:
+        for name, param in model.named_parameters():
+            if is_head(name):
+                param.requires_grad_(self.cfg.train_head)
+
     def set_protocol_trainable(self, model: nn.Module) -> None:
         """Unfreeze what an original protocol trains beyond the method itself: the adapted
         layers' biases (train_biases=targets), every bias outside the head (all), norms."""

@@ -257,9 +257,11 @@ class RoCoFT(Method):
     def on_train_start(self, trainer: Trainer) -> None:
         """select=prune: score on the first `calib_batches` shuffled training batches (seeded).
         A resumed or initialised run keeps the indices its checkpoint restored."""
+        if self.cfg.select != "prune" or trainer.global_step > 0:
+            return
         model = trainer.accelerator.unwrap_model(trainer.model)
         if not any(layer.needs_calibration for _, layer in self.adapter_layers(model)):
-            return  # not prune, or indices restored (resumed run, train.init_from)
+            return  # indices restored by train.init_from
         loader = DataLoader(trainer.task.splits["train"], batch_size=trainer.run.train.batch_size,
                             shuffle=True, collate_fn=trainer.task.collate,
                             generator=torch.Generator().manual_seed(trainer.run.seed))
