@@ -13,7 +13,7 @@ import rosa_bench
 from rosa_bench import runs
 from rosa_bench.cli import CONF_DIR
 from rosa_bench.errors import UserError
-from rosa_bench.methods.base import is_head, trainable_parameter_count
+from rosa_bench.methods.base import is_head
 from rosa_bench.methods.cola import mlp_widths, user_kinds
 from rosa_bench.methods.rosa import pick_directions
 from rosa_bench.models import load_model
@@ -127,8 +127,8 @@ def test_rocoft_prune_keep_first_always_keeps_index_zero():
 
 
 def test_head_lr_gives_the_head_its_own_group(tmp_path):
-    run = composed(["model=tiny-roberta", "dataset=glue", "fnmodel=loraxs", "train.lr=1e-3", "train.head_lr=5e-3",
-                    "dataset.max_train_samples=4", "dataset.max_eval_samples=2"])
+    run = composed(["model=tiny-roberta", "dataset=glue", "fnmodel=loraxs", "train.lr=1e-3",
+                    "train.head_lr=5e-3", "dataset.max_train_samples=4", "dataset.max_eval_samples=2"])
     parts = build(resolve(run))
     trainer = Trainer(run, tmp_path, parts.model, parts.tokenizer, parts.task, parts.method)
     groups = trainer._param_groups()

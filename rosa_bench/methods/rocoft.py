@@ -31,8 +31,16 @@ from torch.utils.data import DataLoader
 
 from rosa_bench.config import MethodConfig
 from rosa_bench.errors import UserError
-from rosa_bench.methods.base import (ALL_PROJECTIONS, AdapterLayer, Method, check_choices, is_adaptable, is_head,
-                                    layer_shape, set_submodule)
+from rosa_bench.methods.base import (
+    ALL_PROJECTIONS,
+    AdapterLayer,
+    Method,
+    check_choices,
+    is_adaptable,
+    is_head,
+    layer_shape,
+    set_submodule,
+)
 
 if TYPE_CHECKING:
     from rosa_bench.train.loop import Trainer

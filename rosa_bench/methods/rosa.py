@@ -83,7 +83,7 @@ class RosaLayer(AdapterLayer):
         """Merge B A into W, then split again along a freshly chosen subspace. The parameter
         tensors are edited in place so the optimizer keeps pointing at them."""
         self.add_to_weight(self.delta_weight())
-        if cfg.factorize_method == "random":  # LoRA's init (Kaiming-uniform A, zero B), drawn from our generator
+        if cfg.factorize_method == "random":  # LoRA's init (Kaiming-uniform A, zero B), our generator
             a = torch.empty(self.rank, self.in_features)
             nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
             self.rosa_A.copy_(a)
@@ -92,7 +92,8 @@ class RosaLayer(AdapterLayer):
         # Reduced SVD (LAPACK gesdd on CPU): exact, and the cheapest way to get every singular
         # direction, which the random block needs.
         u, s, vh = torch.linalg.svd(self.weight.float(), full_matrices=False)
-        idx = pick_directions(cfg.sample_method, self.rank, s.numel(), generator, cfg.random_start_last).to(s.device)
+        idx = pick_directions(cfg.sample_method, self.rank, s.numel(), generator, cfg.random_start_last)
+        idx = idx.to(s.device)
         if cfg.singular_values == "input":
             a, b = s[idx, None] * vh[idx], u[:, idx]
         else:

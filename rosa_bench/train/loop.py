@@ -62,7 +62,8 @@ class Trainer:
         for i, (lr, part) in enumerate(((t.lr, [p for p in params if id(p) not in head]),
                                         (t.head_lr, [p for p in params if id(p) in head]))):
             if part or i == 0:  # the two body groups always exist (checkpoints count on them)
-                groups += [{"params": [p for p in part if p.ndim >= 2], "weight_decay": t.weight_decay, "lr": lr},
+                groups += [{"params": [p for p in part if p.ndim >= 2], "weight_decay": t.weight_decay,
+                            "lr": lr},
                            {"params": [p for p in part if p.ndim < 2], "weight_decay": 0.0, "lr": lr}]
         return groups
 
