@@ -25,7 +25,7 @@ from transformers import get_scheduler
 from rosa_bench import runs
 from rosa_bench.config import RunConfig
 from rosa_bench.data.task import Task
-from rosa_bench.methods.base import Method, trainable_parameter_count
+from rosa_bench.methods.base import Method, is_head, trainable_parameter_count
 from rosa_bench.train import checkpoint as ckpt
 from rosa_bench.train.evaluation import evaluate_split, generate_samples
 from rosa_bench.train.logger import RunLogger, peak_memory_mb
@@ -53,12 +53,19 @@ class Trainer:
 
     # ---- setup -----------------------------------------------------------------------------
     def _param_groups(self) -> list[dict[str, Any]]:
-        """Weight decay on matrices only (not biases or norms), the usual AdamW practice."""
+        """Weight decay on matrices only (not biases or norms), the usual AdamW practice; the
+        task head at its own learning rate when `train.head_lr` is set."""
         params = self.method.optimizer_parameters(self.model)
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        return [{"params": decay, "weight_decay": self.run.train.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0}]
+        t = self.run.train
+        head = {id(p) for n, p in self.model.named_parameters() if is_head(n)} if t.head_lr else set()
+        groups = []
+        for i, (lr, part) in enumerate(((t.lr, [p for p in params if id(p) not in head]),
+                                        (t.head_lr, [p for p in params if id(p) in head]))):
+            if part or i == 0:  # the two body groups always exist (checkpoints count on them)
+                groups += [{"params": [p for p in part if p.ndim >= 2], "weight_decay": t.weight_decay,
+                            "lr": lr},
+                           {"params": [p for p in part if p.ndim < 2], "weight_decay": 0.0, "lr": lr}]
+        return groups
 
     def _loaders(self) -> tuple[DataLoader, dict[str, DataLoader]]:
         t = self.run.train
