@@ -204,26 +204,18 @@ def replace_dir(tmp: Path, final: Path, keep: int = 1) -> None:
     versions as '<name>.1' (the newest), '<name>.2'... At every moment at least one whole
     version exists under a name that `checkpoint_dir` / `checkpoint_history` find."""
     with storage_errors(final):
-        if keep <= 1:
-            old = final.with_name(final.name + ".old")
-            if old.exists():
-                shutil.rmtree(old)
-            if final.exists():
-                os.rename(final, old)
-            os.rename(tmp, final)
-            if old.exists():
-                shutil.rmtree(old)
-            return
-        versions = [final] + [final.with_name(f"{final.name}.{i}") for i in range(1, keep)]
+        # keep=1 still moves the current one aside first ('.1'), so a crash between the two
+        # renames leaves a whole checkpoint that checkpoint_dir finds
+        versions = [final] + [final.with_name(f"{final.name}.{i}") for i in range(1, max(keep, 2))]
         if versions[-1].exists():
             shutil.rmtree(versions[-1])
         for newer, older in zip(reversed(versions[:-1]), reversed(versions[1:])):
             if newer.exists():
                 os.rename(newer, older)
         os.rename(tmp, final)
-        for stale in final.parent.glob(f"{final.name}.*"):  # a lowered keep_checkpoints
+        for stale in final.parent.glob(f"{final.name}.*"):  # beyond `keep`, or the older '.old'
             suffix = stale.name.rsplit(".", 1)[-1]
-            if suffix.isdigit() and int(suffix) >= keep:
+            if suffix == "old" or (suffix.isdigit() and int(suffix) >= keep):
                 shutil.rmtree(stale)
 
 

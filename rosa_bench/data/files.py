@@ -74,6 +74,8 @@ def read_table(path: Path, delimiter: str, names: tuple[str, ...] | None = None,
                 if len(row) != len(header):
                     raise malformed(path, reader.line_num,
                                     f"expected {len(header)} fields {header}, found {len(row)}: {row!r:.300}")
+                if any("\0" in field for field in row):
+                    raise malformed(path, reader.line_num, "binary data (a NUL byte), not a text table")
                 yield reader.line_num, dict(zip(header, row))
         except UnicodeDecodeError as err:
             raise not_utf8(path, err) from None
