@@ -73,8 +73,11 @@ def _flip_last_byte(path: Path) -> None:
 
 
 def _without(key: str):
-    return lambda c: runs.write_json(c / ckpt.STATE_FILE,
-                                     {k: v for k, v in runs.read_json(c / ckpt.STATE_FILE).items() if k != key})
+    def damage(folder: Path) -> None:
+        state = runs.read_json(folder / ckpt.STATE_FILE)
+        runs.write_json(folder / ckpt.STATE_FILE, {k: v for k, v in state.items() if k != key})
+
+    return damage
 
 
 BAD_MODEL = "model.safetensors fails its checksum"
