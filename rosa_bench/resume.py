@@ -64,7 +64,7 @@ def may_continue(folder: Path, run: RunConfig) -> bool:
     raises UserError listing the differing keys unless `train.resume=force`."""
     force = run.train.resume == "force"
     if not (folder / runs.CONFIG_FILE).is_file():
-        if (folder / runs.CHECKPOINTS).exists() and not force:
+        if runs.checkpoint_history(folder, "last") and not force:
             raise UserError(f"run folder {folder} holds checkpoints but no {runs.CONFIG_FILE}, so what "
                             "they were trained with is unknown; delete the folder, or set train.resume=force")
         return True
