@@ -287,3 +287,19 @@ def test_model_loads_insist_on_safetensors(monkeypatch):
     with pytest.raises(OSError):
         models._from_folder("some/hub-id", composed([]).model, Recorder, {}, torch.float32)
     assert seen["use_safetensors"] is True and seen["trust_remote_code"] is False
+
+
+def test_the_gradients_decide_what_is_non_finite():
+    from rosa_bench.train.guard import NonFiniteError, NonFiniteGuard
+
+    param = torch.nn.Parameter(torch.ones(2))
+    param.grad = torch.zeros(2)  # a batch whose labels are all ignored: NaN mean loss, zero gradients
+    assert NonFiniteGuard(skip=False).skip_step(torch.tensor(float("nan")), [param], 1) is False
+    param.grad = torch.tensor([float("inf"), 0.0])
+    with pytest.raises(NonFiniteError, match="non-finite gradient at step 2"):
+        NonFiniteGuard(skip=False).skip_step(torch.tensor(1.0), [param], 2)
+    skipping = NonFiniteGuard(skip=True)
+    assert skipping.skip_step(torch.tensor(1.0), [param], 3) and skipping.skipped == 1
+    no_grads = torch.nn.Parameter(torch.ones(2))  # update made later (ColA): the loss decides
+    with pytest.raises(NonFiniteError, match=r"non-finite loss \(nan\) at step 4"):
+        NonFiniteGuard(skip=False).skip_step(torch.tensor(float("nan")), [no_grads], 4)

@@ -100,7 +100,6 @@ def test_a_diverging_learning_rate_stops_with_strict_metrics(tmp_path, capsys):
     best = folder / "checkpoints" / "best"
     if best.exists():  # an evaluation before the divergence
         assert_finite(best)
-        assert metrics["best"]["value"] is not None
 
 
 def test_skip_nonfinite_skips_and_counts(tmp_path, monkeypatch):

@@ -12,7 +12,6 @@ in the checkpoint and metrics.json.
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import torch
@@ -31,10 +30,11 @@ class NonFiniteError(RunFailed):
         self.what, self.step = what, step
 
 
-def gradients_finite(params: list[nn.Parameter]) -> bool:
+def gradients_finite(params: list[nn.Parameter]) -> bool | None:
+    """Whether every gradient is finite; None when no parameter has one."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return True
+        return None
     return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
@@ -44,24 +44,20 @@ class NonFiniteGuard:
         self.skipped = 0  # optimizer steps skipped so far (restored on resume)
 
     def skip_step(self, loss: torch.Tensor, params: list[nn.Parameter], step: int) -> bool:
-        """True when optimizer step `step` must be skipped; raises NonFiniteError unless skipping."""
-        if not torch.isfinite(loss.detach()).all():
-            what = f"loss ({float(loss.detach().float().mean())})"
-        elif not gradients_finite(params):
-            what = "gradient"
-        else:
+        """True when optimizer step `step` must be skipped; raises NonFiniteError unless skipping.
+
+        The gradients decide when there are any: a batch whose labels are all ignored (prompts
+        truncated to max_length) has a NaN mean loss but zero, harmless gradients."""
+        loss_finite = bool(torch.isfinite(loss.detach()).all())
+        grads_finite = gradients_finite(params)
+        if grads_finite or (grads_finite is None and loss_finite):
             return False
+        what = "gradient" if loss_finite else f"loss ({float(loss.detach().float().mean())})"
         if not self.skip:
             raise NonFiniteError(what, step)
         self.skipped += 1
         log.warning("non-finite %s at step %d: step skipped (%d so far)", what, step, self.skipped)
         return True
-
-    def check_score(self, name: str, value: float, step: int) -> None:
-        """A non-finite validation score means the model is broken: stop like a bad loss does
-        (with skipping on, the run goes on and the score can never become the best)."""
-        if not math.isfinite(value) and not self.skip:
-            raise NonFiniteError(f"validation {name} ({value})", step)
 
 
 def record_failure(folder: Path, err: NonFiniteError) -> None:

@@ -187,8 +187,6 @@ class Trainer:
                                for p, g in zip(self.task.sample_prompts, samples))
             self.logger.text("valid/sample", text, self.global_step)
         self.last_scores = {**scores, "_step": self.global_step}
-        first = scores[self.task.validation_splits[0]]
-        self.guard.check_score(self.task.metric_name, first[self.task.metric_name], self.global_step)
         self._track_best(scores[self.task.validation_splits[0]])
 
     def _evaluate_generation(self) -> None:
