@@ -19,6 +19,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-samples", type=int, default=None,
                         help="score only the first N inputs (E2E: meaning representations)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow the run's model.trust_remote_code (runs code from the hub)")
     return parser.parse_args(argv)
 
 
@@ -28,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args = parse(argv)
     result = evaluate_run(args.run, args.split, args.checkpoint, args.max_samples,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, trust_remote_code=args.trust_remote_code)
     print(json.dumps(result["scores"], indent=2))
 
 

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from rosa_bench.errors import UserError, choices_error
+from rosa_bench.errors import RunFailed, UserError, choices_error
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 SELECTABLE_GROUPS = ("model", "dataset", "fnmodel", "train", "logging")
@@ -56,7 +56,8 @@ def _quote_tildes(arg: str) -> str:
 
 
 def exit_on_user_error(fn: Callable) -> Callable:
-    """Run `fn`; a UserError becomes one line on stderr and exit code 2, no traceback."""
+    """Run `fn`; a UserError becomes one line on stderr and exit code 2, a failed run (RunFailed)
+    one line and exit code 3; no traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -65,5 +66,8 @@ def exit_on_user_error(fn: Callable) -> Callable:
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
+        except RunFailed as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(3)
 
     return wrapper

@@ -8,7 +8,10 @@ method adds its fields without touching this file.
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
+from pathlib import PurePath
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -97,6 +100,11 @@ class TrainConfig:
     init_from: str | None = None  # run folder whose trained weights this run starts from
 
 
+    skip_nonfinite: bool = False  # skip (and count) steps with a non-finite loss/gradient instead of stopping
+    resume: str = "auto"  # auto: resume only when no result-changing key differs | force
+    keep_checkpoints: int = 2  # 'last' checkpoints kept: a damaged newest one falls back to the previous
+
+
 @dataclass
 class LoggingConfig:
     log_every: int = 10  # optimizer steps between train/ scalars
@@ -127,6 +135,7 @@ class RunConfig:
 SCHEDULERS = ("linear", "cosine", "constant")
 PAPER_KEY = "paper"  # a preset's per-task tables, read through interpolation only
 PRECISIONS = ("fp32", "bf16", "fp16")
+RESUME_MODES = ("auto", "force")
 
 
 def _structured(schema: type, section: Any, where: str) -> Any:
@@ -161,6 +170,45 @@ def _resolved(cfg: DictConfig | dict) -> DictConfig:
     return OmegaConf.create(data)
 
 
+def _check_finite(where: str, value: float | None) -> None:
+    if value is not None and not math.isfinite(value):
+        raise UserError(f"{where}={value!r} must be a finite number")
+
+
+def _seed(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UserError(f"seed={value!r} must be an integer")
+    return value
+
+
+def _check_method_common(cfg: MethodConfig) -> None:
+    """Options of every method that would silently train something else."""
+    _check_finite("fnmodel.alpha", cfg.alpha)
+    if cfg.alpha <= 0:
+        raise UserError(f"fnmodel.alpha={cfg.alpha!r} must be > 0 (0 makes every update zero)")
+    if cfg.targets is None:
+        return
+    if not cfg.targets:
+        raise UserError("fnmodel.targets=[] selects no layer; list name patterns, or drop it for "
+                        "the method's default targets")
+    for pattern in cfg.targets:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise UserError(f"fnmodel.targets: {pattern!r} is not a valid regular expression "
+                            f"({err})") from None
+
+
+def _check_output(out: OutputConfig) -> None:
+    """A run name is one folder inside output.path: it cannot climb out or be absolute."""
+    if out.name is None:
+        return
+    parts = PurePath(out.name).parts
+    if not out.name or len(parts) != 1 or parts[0] in (".", "..") or "\\" in out.name or "\0" in out.name:
+        raise UserError(f"output.name={out.name!r} must be a plain folder name (no '/', '..' or "
+                        "absolute path): the run folder always lies inside output.path")
+
+
 def validate(cfg: DictConfig | dict) -> RunConfig:
     """Check a composed config and return it as typed dataclasses (raises UserError)."""
     from rosa_bench.data import dataset_names
@@ -177,7 +225,7 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
 
         raise choices_error("dataset", cfg.dataset.name, dataset_names())
     run = RunConfig(
-        seed=int(cfg.get("seed", 0)),
+        seed=_seed(cfg.get("seed", 0)),
         model=_structured(ModelConfig, cfg.model, "model"),
         dataset=_structured(DatasetConfig, cfg.dataset, "dataset"),
         fnmodel=_structured(method_cls.config_class, cfg.fnmodel, "fnmodel"),
@@ -188,6 +236,12 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
     t = run.train
     _check_choice("train.scheduler", t.scheduler, SCHEDULERS)
     _check_choice("train.precision", t.precision, PRECISIONS)
+    _check_choice("train.resume", t.resume, RESUME_MODES)
+    for key in ("lr", "weight_decay", "max_grad_norm", "warmup_ratio"):
+        _check_finite(f"train.{key}", getattr(t, key))
+    _check_positive("train.weight_decay", t.weight_decay, allow_zero=True)
+    _check_positive("train.max_grad_norm", t.max_grad_norm, allow_zero=True)
+    _check_positive("train.keep_checkpoints", t.keep_checkpoints)
     for key in ("epochs", "batch_size", "grad_accum", "lr"):
         _check_positive(f"train.{key}", getattr(t, key))
     _check_positive("train.max_steps", t.max_steps)
@@ -206,6 +260,8 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
         raise UserError(f"train.warmup_ratio={t.warmup_ratio!r} must be in [0, 1)")
     if not 0.0 <= run.fnmodel.dropout < 1.0:
         raise UserError(f"fnmodel.dropout={run.fnmodel.dropout!r} must be in [0, 1)")
+    _check_output(run.output)
+    _check_method_common(run.fnmodel)
     method_cls.check_config(run.fnmodel)
     from rosa_bench.data import check_dataset_config
 

@@ -66,7 +66,8 @@ def load_checkpoint(folder: Path, which: str) -> Path:
 
 
 def evaluate_run(folder: str | Path, split: str = "test", checkpoint: str = "best",
-                 max_samples: int | None = None, progress: bool = True) -> dict[str, Any]:
+                 max_samples: int | None = None, progress: bool = True,
+                 trust_remote_code: bool = False) -> dict[str, Any]:
     """Score `folder` on `split`; returns what it writes to eval_<split>.json."""
     from rosa_bench.pipeline import build
 
@@ -75,7 +76,7 @@ def evaluate_run(folder: str | Path, split: str = "test", checkpoint: str = "bes
         raise UserError(f"run folder {folder} does not exist")
     if max_samples is not None and max_samples <= 0:
         raise UserError(f"--max-samples={max_samples} must be > 0")
-    run = runs.read_config(folder)
+    run = runs.read_config(folder, trust_remote_code)
     path = load_checkpoint(folder, checkpoint)
     # the train split is never used here: tokenize one row of it only
     run = dataclasses.replace(run, dataset=dataclasses.replace(run.dataset, max_train_samples=1))

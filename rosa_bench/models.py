@@ -126,7 +126,8 @@ def _from_folder(path: str | Path, cfg: ModelConfig, model_cls: Any, head: dict[
                  dtype: torch.dtype) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     remote = cfg.trust_remote_code
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote)
-    model = model_cls.from_pretrained(path, dtype=dtype, trust_remote_code=remote, **head)
+    model = model_cls.from_pretrained(path, dtype=dtype, trust_remote_code=remote, use_safetensors=True,
+                                      **head)
     return model, tokenizer
 
 

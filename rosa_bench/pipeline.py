@@ -11,12 +11,13 @@ from typing import Any
 from accelerate.utils import set_seed
 from torch import nn
 
-from rosa_bench import runs
+from rosa_bench import resume, runs
 from rosa_bench.config import RunConfig
 from rosa_bench.data import build_task, default_run_subdir, task_head
 from rosa_bench.data.task import Task
 from rosa_bench.methods import Method, build_method
 from rosa_bench.models import load_model, resolve_model_config
+from rosa_bench.train.guard import NonFiniteError, record_failure
 
 
 @dataclass
@@ -54,19 +55,26 @@ def train(run: RunConfig, overrides: list[str]) -> Path:
 
     run = resolve(run)
     folder = run_folder(run, overrides)
-    if runs.is_complete(folder):
-        print(f"run already complete: {folder} (delete it to train again)")
-        return folder
-    parts = build(run)  # fails on bad input before the run folder exists
-    if run.train.init_from:
-        from rosa_bench.train.init_from import load_initial_weights
+    with resume.claimed(folder):  # one process per folder; a bad input leaves no new folder behind
+        if not resume.may_continue(folder, run):
+            print(f"run already complete: {folder} (delete it to train again)")
+            return folder
+        parts = build(run)
+        resume.check_data(folder, parts.task, run)
+        if run.train.init_from:
+            from rosa_bench.train.init_from import load_initial_weights
 
-        fresh = load_initial_weights(run, parts.model, parts.method)
-        fresh_note = f" (fresh head: {', '.join(fresh)})" if fresh else ""
-        print(f"starting from {run.train.init_from}{fresh_note}")
-    folder.mkdir(parents=True, exist_ok=True)
-    runs.write_config(folder, run, overrides)
-    summary = Trainer(run, folder, parts.model, parts.tokenizer, parts.task, parts.method).fit()
+            fresh = load_initial_weights(run, parts.model, parts.method)
+            fresh_note = f" (fresh head: {', '.join(fresh)})" if fresh else ""
+            print(f"starting from {run.train.init_from}{fresh_note}")
+        runs.write_config(folder, run, overrides)
+        trainer = Trainer(run, folder, parts.model, parts.tokenizer, parts.task, parts.method)
+        try:
+            summary = trainer.fit()
+        except NonFiniteError as err:
+            if resume.is_main_process():
+                record_failure(folder, err)
+            raise
     best = summary["best"]
     print(f"done: {folder}\n  best valid {best.get('metric')}={best.get('value')} at step {best.get('step')}")
     return folder

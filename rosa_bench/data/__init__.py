@@ -58,7 +58,12 @@ def task_head(cfg: DatasetConfig) -> tuple[str, int | None]:
 def build_task(cfg: DatasetConfig, tokenizer: Any, seed: int = 0) -> Task:
     """The tokenized Task for `cfg`; raises UserError for bad options or unavailable data."""
     check_dataset_config(cfg)
-    return _module(cfg).build(cfg, tokenizer, seed)
+    task = _module(cfg).build(cfg, tokenizer, seed)
+    for split in ["train", *task.validation_splits]:
+        if len(task.splits[split]) == 0:
+            raise UserError(f"dataset {task.name}: the {split} split has no rows "
+                            f"(dataset.cache={cfg.cache!r}); check its file")
+    return task
 
 
 def default_run_subdir(cfg: DatasetConfig) -> str:

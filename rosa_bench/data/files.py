@@ -63,17 +63,38 @@ def read_table(path: Path, delimiter: str, names: tuple[str, ...] | None = None,
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     with open(path, encoding="utf-8-sig", newline="") as handle:
         reader = csv.reader(handle, delimiter=delimiter, quoting=quoting)
-        header = list(names) if names else next(reader, [])
-        absent = [col for col in required if col not in header]
-        if absent:
-            raise malformed(path, 1, f"header {header} lacks column(s) {absent}")
-        for row in reader:
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise malformed(path, reader.line_num,
-                                f"expected {len(header)} fields {header}, found {len(row)}: {row!r:.300}")
-            yield reader.line_num, dict(zip(header, row))
+        try:
+            header = list(names) if names else next(reader, [])
+            absent = [col for col in required if col not in header]
+            if absent:
+                raise malformed(path, 1, f"header {header} lacks column(s) {absent}")
+            for row in reader:
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    raise malformed(path, reader.line_num,
+                                    f"expected {len(header)} fields {header}, found {len(row)}: {row!r:.300}")
+                if any("\0" in field for field in row):
+                    raise malformed(path, reader.line_num, "binary data (a NUL byte), not a text table")
+                yield reader.line_num, dict(zip(header, row))
+        except UnicodeDecodeError as err:
+            raise not_utf8(path, err) from None
+        except csv.Error as err:  # NUL bytes, runaway fields: a binary or damaged file
+            raise malformed(path, reader.line_num + 1, f"not a {'TSV' if delimiter == chr(9) else 'CSV'} "
+                            f"text file ({err})") from None
+
+
+def not_utf8(path: Path, err: UnicodeDecodeError) -> UserError:
+    """Name the line of the first byte that is not UTF-8 (the decoder only knows its offset
+    within one read buffer, so the file is decoded again to find it)."""
+    raw = path.read_bytes()
+    try:
+        raw.decode("utf-8")
+        offset = 0
+    except UnicodeDecodeError as full:
+        offset = full.start
+    return malformed(path, raw[:offset].count(b"\n") + 1,
+                     f"not UTF-8 text (byte 0x{raw[offset]:02x} at offset {offset}: {err.reason})")
 
 
 def cap(split: datasets.Dataset, limit: int | None) -> datasets.Dataset:
@@ -113,6 +134,8 @@ def read_json_rows(path: Path, required: tuple[str, ...]) -> list[dict[str, Any]
             rows = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise malformed(path, err.lineno, f"invalid JSON ({err.msg})") from None
+    except UnicodeDecodeError as err:
+        raise not_utf8(path, err) from None
     if not isinstance(rows, list):
         raise malformed(path, 1, "expected a JSON array of objects")
     for number, row in enumerate(rows, 1):

@@ -129,13 +129,19 @@ def collect(root: Path, name_filter: str | None = None, min_steps: int = 0) -> C
     for folder in folders:
         run = folder.relative_to(root).as_posix()
         scalars = read_scalars(folder)
-        status = _status(runs.read_metrics(folder), scalars)
+        try:
+            metrics, config = runs.read_metrics(folder), _flat_config(folder)
+        except runs.CorruptFile as err:
+            log.warning("skipping run %s: %s", run, err)
+            skipped.append(f"{run}: {err}")
+            continue
+        status = _status(metrics, scalars)
         if status["global_step"] < min_steps:
             skipped.append(f"{run}: {status['global_step']} steps < --min-steps {min_steps}")
             continue
         statuses[run] = {"folder": str(folder), "task": folder.parent.relative_to(root).as_posix(),
                          **status, **read_evals(folder)}
-        configs[run] = _flat_config(folder)
+        configs[run] = config
         curves.append(scalars.assign(run=run))
     if not statuses:
         raise UserError(f"every run below {str(root)!r} was skipped: " + "; ".join(skipped))

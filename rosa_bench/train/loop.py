@@ -28,6 +28,7 @@ from rosa_bench.data.task import Task
 from rosa_bench.methods.base import Method, is_head, trainable_parameter_count
 from rosa_bench.train import checkpoint as ckpt
 from rosa_bench.train.evaluation import evaluate_split, generate_samples
+from rosa_bench.train.guard import NonFiniteGuard
 from rosa_bench.train.logger import RunLogger, peak_memory_mb
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -50,6 +51,7 @@ class Trainer:
         self.best: dict[str, Any] = {}
         self.last_scores: dict[str, Any] = {}
         self.saved_step = -1
+        self.guard = NonFiniteGuard(run.train.skip_nonfinite)
 
     # ---- setup -----------------------------------------------------------------------------
     def _param_groups(self) -> list[dict[str, Any]]:
@@ -69,8 +71,11 @@ class Trainer:
 
     def _loaders(self) -> tuple[DataLoader, dict[str, DataLoader]]:
         t = self.run.train
+        # its own generator: starting an epoch's iterator must not draw from the global RNG,
+        # or a run resumed mid-epoch would shift every later dropout mask
         train = DataLoader(self.task.splits["train"], batch_size=t.batch_size, shuffle=True,
-                           collate_fn=self.task.collate, num_workers=t.num_workers)
+                           collate_fn=self.task.collate, num_workers=t.num_workers,
+                           generator=torch.Generator().manual_seed(self.run.seed))
         evals = {s: DataLoader(self.task.splits[s], batch_size=t.eval_batch_size or t.batch_size,
                                collate_fn=self.task.collate, num_workers=t.num_workers)
                  for s in self.task.validation_splits}
@@ -132,12 +137,15 @@ class Trainer:
             with acc.accumulate(self.model):
                 loss = self.model(**batch).loss
                 acc.backward(loss)
-                if acc.sync_gradients:
+                skip = acc.sync_gradients and self.guard.skip_step(
+                    loss, self.method.optimizer_parameters(self.model), self.global_step + 1)
+                if acc.sync_gradients and not skip:
                     self.method.before_optimizer_step()
-                if acc.sync_gradients and run.train.max_grad_norm:
+                if acc.sync_gradients and run.train.max_grad_norm and not skip:
                     acc.clip_grad_norm_(self.method.optimizer_parameters(self.model),
                                         run.train.max_grad_norm)
-                self.optimizer.step()
+                if not skip:
+                    self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             self.batches_done += 1
             window_loss += float(loss.detach())
@@ -226,24 +234,26 @@ class Trainer:
 
     def _loop_state(self) -> dict[str, Any]:
         return {"global_step": self.global_step, "epoch": self.epoch, "batches_done": self.batches_done,
-                "total_steps": self.total_steps, "best": self.best}
+                "total_steps": self.total_steps, "best": self.best, "nonfinite_skipped": self.guard.skipped}
 
     def _save_last(self) -> None:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             ckpt.save_checkpoint(runs.checkpoint_dir(self.folder, "last"), self._model_state(),
-                                 self._loop_state(), self.optimizer, self.scheduler)
+                                 self._loop_state(), self.optimizer, self.scheduler,
+                                 keep=self.run.train.keep_checkpoints)
         self.saved_step = self.global_step
 
     def _maybe_resume(self) -> None:
-        last = runs.checkpoint_dir(self.folder, "last")
-        if not ckpt.has_checkpoint(last):
+        last = ckpt.find_resumable(self.folder)
+        if last is None:
             return
         self.method.load_checkpoint_state(self.accelerator.unwrap_model(self.model),
                                           ckpt.load_model_state(last))
         state = ckpt.restore_training_state(last, self.optimizer, self.scheduler)
         self.global_step, self.epoch = state["global_step"], state["epoch"]
         self.batches_done, self.best = state["batches_done"], state["best"]
+        self.guard.skipped = state.get("nonfinite_skipped", 0)
         self.accelerator.print(f"resuming {self.folder} at step {self.global_step} (epoch {self.epoch})")
 
     def _write_metrics(self, complete: bool) -> dict[str, Any]:
@@ -259,6 +269,7 @@ class Trainer:
             "trainable_params": trainable_parameter_count(model),
             "total_params": sum(p.numel() for p in model.parameters()),
             "best": self.best,
+            "nonfinite_skipped": self.guard.skipped,
             "final": {k: v for k, v in self.last_scores.items() if k != "_step"},
         }
         if self.accelerator.is_main_process:
