@@ -50,6 +50,7 @@ def run_folder(run: RunConfig, overrides: list[str]) -> Path:
 
 def train(run: RunConfig, overrides: list[str]) -> Path:
     """Train (or resume, or skip if complete) the run named by `overrides`; returns its folder."""
+    from rosa_bench.train import distributed
     from rosa_bench.train.loop import Trainer
 
     run = resolve(run)
@@ -57,6 +58,7 @@ def train(run: RunConfig, overrides: list[str]) -> Path:
     if runs.is_complete(folder):
         print(f"run already complete: {folder} (delete it to train again)")
         return folder
+    distributed.start(run)  # joins the processes (and sets this one's GPU) before the model loads
     parts = build(run)  # fails on bad input before the run folder exists
     folder.mkdir(parents=True, exist_ok=True)
     runs.write_config(folder, run, overrides)

@@ -225,11 +225,13 @@ class RoCoFT(Method):
             layer.select(chosen.sort().values)
 
     def on_train_start(self, trainer: Trainer) -> None:
-        """select=prune: score on the first `calib_batches` shuffled training batches (seeded).
+        """select=prune: score on the first `calib_batches` shuffled training batches (seeded) of
+        the global batch size, so every process scores the same rows, whatever their number.
         A resumed run (step > 0) keeps the indices its checkpoint restored."""
         if self.cfg.select != "prune" or trainer.global_step > 0:
             return
-        loader = DataLoader(trainer.task.splits["train"], batch_size=trainer.run.train.batch_size,
+        global_batch = trainer.run.train.batch_size * trainer.accelerator.num_processes
+        loader = DataLoader(trainer.task.splits["train"], batch_size=global_batch,
                             shuffle=True, collate_fn=trainer.task.collate,
                             generator=torch.Generator().manual_seed(trainer.run.seed))
         model = trainer.accelerator.unwrap_model(trainer.model)
