@@ -1,10 +1,12 @@
-"""ColA on tiny random models: gradient learning equals backprop (one step and an interval),
-untrained adapters change nothing, merging, per-user routing (alone) and mean merging (col),
+"""ColA on tiny random models: gradient learning equals backprop at every step (after several
+training steps, at every layer, one user, per-user `alone`, an interval) and the stated relation
+under `col`; untrained adapters change nothing, merging, per-user routing (alone) and mean merging (col),
 a frozen backbone, adapters outside it, checkpoints, errors, and a short trainer run."""
 
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import pytest
 import torch
@@ -43,8 +45,8 @@ def no_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
-def cola(family: str, **options) -> nn.Module:
-    return no_dropout(rosa_bench.apply(tiny(family), "cola", rank=4, alpha=ALPHA, **options))
+def cola(family: str, layers: int = 2, **options) -> nn.Module:
+    return no_dropout(rosa_bench.apply(tiny(family, layers), "cola", rank=4, alpha=ALPHA, **options))
 
 
 def randomize(model: nn.Module, seed: int = 3) -> None:
@@ -108,8 +110,7 @@ def test_untrained_adapters_leave_outputs_unchanged(family, adapter):
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 @pytest.mark.parametrize("adapter", ["lowrank", "linear"])
 def test_one_cola_step_equals_one_backprop_step(family, adapter):
-    """From the zero-initialised start, as in training. (Later, ColA's backbone backward does not
-    pass through the adapters' own input Jacobians: they are outside its graph by design.)"""
+    """From the zero-initialised start, as in training (later steps: the tests below)."""
     model = cola(family, adapter=adapter)
     start = adapter_weights(model)
     ref, ref_params = in_graph_copy(model)
@@ -140,6 +141,114 @@ def test_interval_step_equals_one_step_on_summed_gradients(adapter):
     assert any(not torch.allclose(w, p) for w, p in zip(adapter_weights(model), one_params))
     for ours, theirs in zip(adapter_weights(model), ref_params, strict=True):
         torch.testing.assert_close(ours, theirs.detach(), atol=1e-6, rtol=0)
+
+
+def _in_graph_output(site, x: torch.Tensor, capture: bool) -> torch.Tensor:
+    return site.routing.mix(site.adapters, x.float(), site._users(x.shape[0])).to(x.dtype)
+
+
+def backprop_reference(model: nn.Module) -> tuple[nn.Module, list[nn.Parameter]]:
+    """A copy of any ColA model (users and routing included) whose adapters sit inside the
+    backbone's graph, so that plain backprop gives their gradients."""
+    ref = copy.deepcopy(model)
+    for layer in layers(ref):
+        layer.site.output = partial(_in_graph_output, layer.site)
+    return ref, attached_method(ref).optimizer_parameters(ref)
+
+
+def fitted_gradients(model: nn.Module, batches: list[dict]) -> list[torch.Tensor]:
+    """The gradients ColA's optimizer would step with after `batches` (one interval)."""
+    method = attached_method(model)
+    for b in batches:
+        model(**b).loss.backward()
+        method.before_optimizer_step()
+    return [p.grad for p in method.optimizer_parameters(model)]
+
+
+def trained_cola(adapter: str, users: int, **options) -> tuple[nn.Module, list[list[int] | None]]:
+    """A 3-layer ColA model after random non-zero adapters and three training steps, and the
+    per-batch user ids to use with it."""
+    ids = [[0, 1, 1], [1, 0, 0], [0, 0, 1], [1, 1, 0], [0, 1, 0], [1, 0, 1]] if users > 1 else [None] * 6
+    model = cola("llama", layers=3, adapter=adapter, users=users, **options)
+    randomize(model)
+    cola_steps(model, [batch(s, users=u) for s, u in zip((11, 12, 13), ids)], lr=0.1)
+    for layer in layers(model):
+        for a in layer.site.adapters:
+            assert all(p.abs().sum() > 0 for p in a.parameters())  # every adapter is non-zero
+    return model, ids[3:]
+
+
+@pytest.mark.parametrize("adapter", ["lowrank", "linear", "mlp"])
+@pytest.mark.parametrize("users, collab", [(1, "alone"), (2, "alone")])
+def test_fitted_gradient_equals_backprop_after_several_steps(adapter, users, collab):
+    model, ids = trained_cola(adapter, users, collab=collab)
+    ref, ref_params = backprop_reference(model)
+    b = batch(14, users=ids[0])
+    ours = fitted_gradients(model, [b])
+    ref(**b).loss.backward()
+    assert len(ours) == len(ref_params) and all(g is not None for g in ours)
+    for g, p in zip(ours, ref_params, strict=True):
+        torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_the_adapters_input_path_matters_so_the_test_above_can_fail(monkeypatch):
+    """Cut the adapters' path to their input (the old defect): layer 0's gradients move by far
+    more than the tolerance, so the equality above is a real check."""
+    from rosa_bench.methods.cola import Site
+
+    model, _ = trained_cola("linear", 1)
+    ref, ref_params = backprop_reference(model)
+    monkeypatch.setattr(Site, "input_gradient", lambda self, x, users, grad: torch.zeros_like(x))
+    ours = fitted_gradients(model, [batch(14)])
+    ref(**batch(14)).loss.backward()
+    first = ours[0]  # layer 0's first adapter: every later layer's adapter path is upstream of it
+    assert (first - ref_params[0].grad).norm() > 0.01 * ref_params[0].grad.norm()
+    torch.testing.assert_close(ours[-1], ref_params[-1].grad, atol=1e-5, rtol=1e-5)  # the last is unaffected
+
+
+@pytest.mark.parametrize("adapter", ["lowrank", "linear", "mlp"])
+def test_fitted_gradient_over_an_interval_is_backprops_sum(adapter):
+    model, _ = trained_cola(adapter, 1, interval=2)  # 3 steps: one fit, and one batch buffered
+    method = attached_method(model)
+    model(**batch(14)).loss.backward()  # completes the second interval ...
+    method.before_optimizer_step()
+    torch.optim.SGD(method.optimizer_parameters(model), lr=0.1).step()
+    for p in method.optimizer_parameters(model):
+        p.grad = None
+    ref, ref_params = backprop_reference(model)  # ... so the third starts here, adapters non-zero
+    batches = [batch(15), batch(16)]
+    ours = fitted_gradients(model, batches)
+    for b in batches:
+        ref(**b).loss.backward()
+    for g, p in zip(ours, ref_params, strict=True):
+        torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("adapter", ["lowrank~linear", "mlp"])
+def test_col_fits_each_user_on_its_own_examples_of_the_mean_forward(adapter):
+    """The relation stated in cola.py: under col with K users, user k's fitted gradient is K times
+    backprop's gradient of the batch loss restricted to user k's examples (normaliser kept)."""
+    users = 2
+    model, ids = trained_cola(adapter, users, collab="col")
+    ref, _ = backprop_reference(model)
+    b = batch(14, users=ids[0])
+    ours = fitted_gradients(model, [b])
+    logits = ref(**{k: v for k, v in b.items() if k != "labels"}).logits
+    ce = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten(),
+                                     reduction="none").view(logits.shape[0], -1)
+    with torch.no_grad():
+        torch.testing.assert_close(ce.sum() / ce.numel(), model(**b).loss)  # HF's normaliser
+    user_of = torch.tensor(ids[0])
+    k_params = [[p for layer in layers(ref) for p in layer.site.adapters[k].parameters()]
+                for k in range(users)]
+    ours_by_user = [[p.grad for layer in layers(model) for p in layer.site.adapters[k].parameters()]
+                    for k in range(users)]
+    for k in range(users):
+        restricted = ce[user_of == k].sum() / ce.numel()
+        expected = torch.autograd.grad(restricted, k_params[k], retain_graph=True)
+        for g, e in zip(ours_by_user[k], expected, strict=True):
+            torch.testing.assert_close(g, users * e, atol=1e-5, rtol=1e-5)
+    assert len(ours) == sum(len(p) for p in k_params)
 
 
 def test_backbone_gets_no_gradients_and_adapters_stay_off_the_backbone():

@@ -24,19 +24,19 @@ from rosa_bench.methods.base import AdapterLayer, trainable_parameter_count
 VOCAB = 64
 
 
-def tiny(family: str) -> torch.nn.Module:
+def tiny(family: str, layers: int = 2) -> torch.nn.Module:
     torch.manual_seed(0)
     if family == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2,
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=2,
                                            n_positions=64, bos_token_id=0, eos_token_id=0))
     elif family == "llama":
         model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
-                                             num_hidden_layers=2, num_attention_heads=4,
+                                             num_hidden_layers=layers, num_attention_heads=4,
                                              num_key_value_heads=2, bos_token_id=0, eos_token_id=0,
                                              pad_token_id=0))
     else:
         model = BertForSequenceClassification(BertConfig(vocab_size=VOCAB, hidden_size=32,
-                                                         intermediate_size=48, num_hidden_layers=2,
+                                                         intermediate_size=48, num_hidden_layers=layers,
                                                          num_attention_heads=4, num_labels=3))
     return model.eval()
 

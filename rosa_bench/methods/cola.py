@@ -2,11 +2,22 @@
 
 The backbone is frozen and holds no trainable parameter. Each adapted layer computes
 h = f(x) + alpha * g(x), where the adapters g (one per user) live on `fnmodel.adapter_device`,
-outside the backbone's autograd graph: the forward adds g's output as a fresh leaf tensor whose
-gradient hook captures dL/d(alpha g). Every `fnmodel.interval` optimizer steps the adapters are
-fitted from the buffered (x, gradient) pairs ("gradient learning"): the gradient of
-1/2 ||alpha g(x) - (alpha g(x).detach() - grad)||^2 is exactly the loss's gradient for the
-adapter, which the trainer's optimizer then steps like any parameter.
+outside the backbone's autograd graph. `AdapterOutput` adds alpha * g(x) to the backbone's graph
+as a function of x alone: its backward passes alpha * g'(x)^T dL/dh on to x (so every earlier
+layer sees the adapters' own contribution, as in ordinary backprop) and buffers the pair
+(x, dL/d(alpha g)), while the adapters' parameters never enter the backbone's graph. Every
+`fnmodel.interval` optimizer steps the adapters are fitted from the buffered pairs ("gradient
+learning"): the gradient of 1/2 ||alpha g(x) - (alpha g(x).detach() - grad)||^2 is the loss's
+gradient for the adapter, which the trainer's optimizer then steps like any parameter.
+
+Relation to ordinary backprop (tested in tests/test_cola.py at every step, not just the first):
+- one user, or `collab=alone` (each example reaches only its own user's adapters): the fitted
+  gradient equals backprop's exactly; with `interval` k, it is the sum of backprop's gradients
+  over the interval's k batches (the adapters do not move inside an interval).
+- `collab=col` with K users: the forward uses the users' mean, alpha/K sum_j g_j(x), but each user
+  is fitted on its own examples only (as in the original code), so user k's gradient is
+  K * d/d(theta_k) of the loss restricted to user k's examples (the other examples' terms of the
+  batch loss dropped, its normaliser kept), not backprop's gradient of the whole batch loss.
 """
 
 from __future__ import annotations
@@ -14,7 +25,6 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +32,7 @@ from torch import nn
 
 from rosa_bench.config import MethodConfig
 from rosa_bench.errors import UserError
-from rosa_bench.methods.base import AdapterLayer, Method, layer_shape
+from rosa_bench.methods.base import AdapterLayer, Method, check_choices, layer_shape
 
 COLLAB_MODES = ("alone", "col")
 NONLINEAR = ("fnmodel.adapter={} has a nonlinear (mlp) adapter: it has no weight delta to merge into the "
@@ -35,7 +45,11 @@ class ColaConfig(MethodConfig):
     alpha: float = 1.0  # h = f(x) + alpha * g(x)
     train_head: bool = False  # the backbone, head included, stays frozen
     adapter: str = "lowrank"  # lowrank | linear | mlp, or a mix like lowrank~linear (users in turn)
-    hidden: int = 128  # mlp hidden size
+    hidden: int = 128  # mlp: width of the first hidden layer
+    mlp_layers: int = 1  # mlp: hidden layers (the original code: 2)
+    mlp_growth: float = 2.0  # mlp: each further hidden layer is this times wider (original: 128, 256)
+    mlp_activation: str = "gelu"  # gelu | relu (the original code)
+    assign: str = "interleave"  # mixed kinds to users: interleave (0: a, 1: b, 2: a ...) | blocks (a a b b)
     interval: int = 1  # optimizer steps of captured pairs per adapter step
     users: int = 1  # adapter sets; >1 needs a dataset that names a user per example (dolly)
     collab: str = "alone"  # alone: each example uses its user's adapter; col: the users' mean
@@ -85,20 +99,37 @@ class FullLinear(Adapter):
         return self.weight
 
 
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
+ASSIGN_ORDERS = ("interleave", "blocks")
+
+
+def mlp_widths(cfg: ColaConfig) -> list[int]:
+    """Hidden widths: `hidden`, then each `mlp_growth` times the last (128, 256 for 2 layers)."""
+    widths = [cfg.hidden]
+    for _ in range(cfg.mlp_layers - 1):
+        widths.append(int(widths[-1] * cfg.mlp_growth))
+    return widths
+
+
 class Mlp(Adapter):
-    """g(x) = W2 gelu(W1 x + b1) + b2; the second layer starts at zero so g starts at zero."""
+    """g(x) = W_out act(... act(W1 x + b1) ...) + b_out; the output layer starts at zero so g
+    starts at zero."""
 
     kind = "mlp"
 
     def __init__(self, in_features: int, out_features: int, cfg: ColaConfig):
         super().__init__()
-        self.fc1 = nn.Linear(in_features, cfg.hidden)
-        self.fc2 = nn.Linear(cfg.hidden, out_features)
-        nn.init.zeros_(self.fc2.weight)
-        nn.init.zeros_(self.fc2.bias)
+        layers: list[nn.Module] = []
+        for width in mlp_widths(cfg):
+            layers += [nn.Linear(in_features, width), ACTIVATIONS[cfg.mlp_activation]()]
+            in_features = width
+        self.hidden = nn.Sequential(*layers)
+        self.out = nn.Linear(in_features, out_features)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.out(self.hidden(x))
 
 
 ADAPTERS: dict[str, type[Adapter]] = {a.kind: a for a in (LowRank, FullLinear, Mlp)}
@@ -128,6 +159,29 @@ class Routing:
         return self.alpha * out
 
 
+class AdapterOutput(torch.autograd.Function):
+    """alpha * g(x) as a node of the backbone's graph whose only differentiable input is x."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, anchor: torch.Tensor, site: Site,
+                users: torch.Tensor | None) -> torch.Tensor:
+        xa = x.detach().to(site.routing.device, torch.float32)
+        with torch.no_grad():
+            out = site.routing.mix(site.adapters, xa, users)
+        ctx.site, ctx.users, ctx.xa, ctx.x_dtype = site, users, xa, x.dtype
+        return out.to(x.device, x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+        site, xa = ctx.site, ctx.xa
+        grad_a = grad.detach().to(xa.device, torch.float32)
+        site.capture(xa, ctx.users, grad_a)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = site.input_gradient(xa, ctx.users, grad_a).to(grad.device, ctx.x_dtype)
+        return dx, None, None, None
+
+
 class Site:
     """One adapted layer's per-user adapters and the (input, user ids, output gradient) triples
     captured since the last fit. A plain object, not a Module, so moving the backbone never
@@ -136,6 +190,9 @@ class Site:
     def __init__(self, adapters: nn.ModuleList, routing: Routing):
         self.adapters = adapters
         self.routing = routing
+        # AdapterOutput's output needs a grad-requiring input even where x has none (the first
+        # adapted layer of a frozen backbone), or its backward, and so the capture, never runs.
+        self._anchor = torch.empty(0, requires_grad=True)
         self.pairs: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
 
     def _users(self, batch_size: int) -> torch.Tensor | None:
@@ -148,8 +205,8 @@ class Site:
         return users
 
     def output(self, x: torch.Tensor, capture: bool) -> torch.Tensor:
-        """alpha * g(x) on x's device; with `capture`, a leaf outside the adapters' graph whose
-        gradient is buffered for `fit`."""
+        """alpha * g(x) on x's device; with `capture`, through `AdapterOutput`, which buffers
+        the output's gradient for `fit` and keeps the adapters' parameters out of x's graph."""
         users = self._users(x.shape[0])
         if not capture:
             xa = x.to(self.routing.device, torch.float32)
@@ -157,15 +214,18 @@ class Site:
         if users is None and len(self.adapters) > 1:
             raise UserError(f"fnmodel.users={len(self.adapters)} needs a user id per training example "
                             "(a 'user' batch field, as dataset=dolly gives); this dataset names none")
-        xa = x.detach().to(self.routing.device, torch.float32)
-        with torch.no_grad():
-            out = self.routing.mix(self.adapters, xa, users)
-        leaf = out.to(x.device, x.dtype).requires_grad_(True)
-        leaf.register_hook(partial(self._capture, xa, users))
-        return leaf
+        return AdapterOutput.apply(x, self._anchor, self, users)
 
-    def _capture(self, x: torch.Tensor, users: torch.Tensor | None, grad: torch.Tensor) -> None:
-        self.pairs.append((x, users, grad.detach().to(x.device, torch.float32)))
+    def input_gradient(self, x: torch.Tensor, users: torch.Tensor | None, grad: torch.Tensor) -> torch.Tensor:
+        """alpha * g'(x)^T grad: the adapters' path to the layer's input, with respect to x only
+        (the adapters' own .grad is left alone: `fit` fills it)."""
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            (dx,) = torch.autograd.grad(self.routing.mix(self.adapters, x, users), x, grad)
+        return dx
+
+    def capture(self, x: torch.Tensor, users: torch.Tensor | None, grad: torch.Tensor) -> None:
+        self.pairs.append((x, users, grad))
 
     def fit(self) -> None:
         """Accumulate each adapter's gradient from its own users' buffered pairs, then forget them."""
@@ -194,6 +254,14 @@ class ColaLayer(AdapterLayer):
 
     def delta_weight(self) -> torch.Tensor:
         return self.site.delta_weight().to(self.weight.device)
+
+
+def user_kinds(kinds: list[str], users: int, assign: str) -> list[str]:
+    """Each user's adapter kind: in turn (interleave) or in contiguous blocks, the original
+    code's order (8 users, lowrank~linear: users 0-3 lowrank, 4-7 linear)."""
+    if assign == "blocks":
+        return [kinds[k * len(kinds) // users] for k in range(users)]
+    return [kinds[k % len(kinds)] for k in range(users)]
 
 
 def _positive_int(key: str, value: object) -> None:
@@ -230,9 +298,14 @@ class ColA(Method):
         except RuntimeError:
             raise UserError(f"fnmodel.adapter_device={cfg.adapter_device!r} is not a device; "
                             "choose cpu, cuda or cuda:<index>") from None
-        if cfg.train_head or cfg.dropout:
-            raise UserError(f"fnmodel.train_head={cfg.train_head!r} / fnmodel.dropout={cfg.dropout!r}: "
-                            "cola keeps the whole backbone frozen and has no dropout; set false / 0")
+        if cfg.train_head or cfg.dropout or cfg.train_biases != "none" or cfg.train_norms:
+            raise UserError(f"fnmodel.train_head={cfg.train_head!r} / dropout={cfg.dropout!r} / train_biases="
+                            f"{cfg.train_biases!r} / train_norms={cfg.train_norms!r}: cola keeps the whole "
+                            "backbone frozen and has no dropout; set false / 0 / none / false")
+        check_choices(cfg, mlp_activation=tuple(ACTIVATIONS), assign=ASSIGN_ORDERS)
+        _positive_int("mlp_layers", cfg.mlp_layers)
+        if cfg.mlp_growth <= 0:
+            raise UserError(f"fnmodel.mlp_growth={cfg.mlp_growth!r} must be > 0")
 
     @property
     def mergeable(self) -> bool:  # type: ignore[override]
@@ -253,7 +326,7 @@ class ColA(Method):
 
     def make_layer(self, name: str, module: nn.Module) -> ColaLayer:
         out_features, in_features = layer_shape(module)
-        kinds = [self.kinds[k % len(self.kinds)] for k in range(self.cfg.users)]  # users in turn
+        kinds = user_kinds(self.kinds, self.cfg.users, self.cfg.assign)
         adapters = nn.ModuleList(ADAPTERS[kind](in_features, out_features, self.cfg) for kind in kinds)
         adapters.to(self.routing.device)
         site = Site(adapters, self.routing)
