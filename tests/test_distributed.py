@@ -240,6 +240,12 @@ def test_fp16_on_cpu_is_a_clear_error(tmp_path):
     assert not list(tmp_path.glob("*/*"))  # refused before the run folder exists
 
 
+def test_cola_adapter_device_this_process_cannot_reach_is_a_clear_error(tmp_path):
+    beyond = f"cuda:{torch.cuda.device_count()}"
+    with pytest.raises(UserError, match=f"adapter_device='{beyond}' is not reachable from process 0"):
+        run_once([*BASE, "fnmodel=cola", f"fnmodel.adapter_device={beyond}"], 4, tmp_path)
+
+
 def test_launches_that_are_not_data_parallel_are_refused():
     with pytest.raises(UserError, match="WORLD_SIZE=2 processes but Accelerate joined 1"):
         distributed.check_world(1, {"WORLD_SIZE": "2"})
