@@ -170,6 +170,8 @@ def shard(rows: T) -> T:
     """This process's contiguous share of a list or dataset: concatenating the shards in rank
     order gives the rows back in their order."""
     n, size, me = len(rows), world_size(), rank()
+    if size == 1:
+        return rows
     lo, hi = me * n // size, (me + 1) * n // size
     return rows.select(range(lo, hi)) if hasattr(rows, "select") else rows[lo:hi]
 
