@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +40,12 @@ def capped(gen: GenerationSet, limit: int | None) -> GenerationSet:
 
 
 def generation_scores(model: nn.Module, tokenizer: Any, task: Task, split: str, limit: int | None = None,
-                      progress: bool = True) -> tuple[dict[str, Any], list[str], GenerationSet]:
+                      progress: bool = True, decode: Callable[..., list[str]] | None = None,
+                      ) -> tuple[dict[str, Any], list[str], GenerationSet]:
     """Decode the split's prompts with the task's protocol and score them with its scorer.
-    The trainer calls this too (logging.eval_generate_every)."""
+    The trainer calls this too (logging.eval_generate_every), decoding with its processes."""
     gen = capped(task.generation_sets[split], limit)
-    predictions = generate(model, tokenizer, gen.prompts, task.generation, progress=progress,
+    predictions = (decode or generate)(model, tokenizer, gen.prompts, task.generation, progress=progress,
                            desc=f"generate {split}", users=gen.users)
     scores = GENERATION_SCORERS[gen.metric](predictions, gen.references)
     scores["empty_predictions"] = float(sum(not p for p in predictions))

@@ -51,6 +51,7 @@ def run_folder(run: RunConfig, overrides: list[str]) -> Path:
 
 def train(run: RunConfig, overrides: list[str]) -> Path:
     """Train (or resume, or skip if complete) the run named by `overrides`; returns its folder."""
+    from rosa_bench.train import distributed
     from rosa_bench.train.loop import Trainer
 
     run = resolve(run)
@@ -59,6 +60,7 @@ def train(run: RunConfig, overrides: list[str]) -> Path:
         if not resume.may_continue(folder, run):
             print(f"run already complete: {folder} (delete it to train again)")
             return folder
+        distributed.start(run)  # joins the processes (and sets this one's GPU) before the model loads
         parts = build(run)
         resume.check_data(folder, parts.task, run)
         if run.train.init_from:

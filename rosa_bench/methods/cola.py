@@ -23,6 +23,7 @@ Relation to ordinary backprop (tested in tests/test_cola.py at every step, not j
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -317,9 +318,10 @@ class ColA(Method):
 
     def apply(self, model: nn.Module, family: str | None = None) -> nn.Module:
         device = self.routing.device
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UserError(f"fnmodel.adapter_device={self.cfg.adapter_device!r} but no CUDA device "
-                            "is available; use fnmodel.adapter_device=cpu")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise UserError(f"fnmodel.adapter_device={self.cfg.adapter_device!r} is not reachable from "
+                            f"process {os.environ.get('RANK', '0')}, which sees {torch.cuda.device_count()} "
+                            "CUDA device(s); use fnmodel.adapter_device=cpu, or cuda (each process's GPU)")
         return super().apply(model, family)
 
     def make_layer(self, name: str, module: nn.Module) -> ColaLayer:

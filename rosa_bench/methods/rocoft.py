@@ -263,14 +263,16 @@ class RoCoFT(Method):
             layer.select(chosen.sort().values)
 
     def on_train_start(self, trainer: Trainer) -> None:
-        """select=prune: score on the first `calib_batches` shuffled training batches (seeded).
+        """select=prune: score on the first `calib_batches` shuffled training batches (seeded) of
+        the global batch size, so every process scores the same rows, whatever their number.
         A resumed or initialised run keeps the indices its checkpoint restored."""
         if self.cfg.select != "prune" or trainer.global_step > 0:
             return
         model = trainer.accelerator.unwrap_model(trainer.model)
         if not any(layer.needs_calibration for _, layer in self.adapter_layers(model)):
             return  # indices restored by train.init_from
-        loader = DataLoader(trainer.task.splits["train"], batch_size=trainer.run.train.batch_size,
+        global_batch = trainer.run.train.batch_size * trainer.accelerator.num_processes
+        loader = DataLoader(trainer.task.splits["train"], batch_size=global_batch,
                             shuffle=True, collate_fn=trainer.task.collate,
                             generator=torch.Generator().manual_seed(trainer.run.seed))
         self.calibrate(model, itertools.islice(loader, self.cfg.calib_batches))

@@ -27,9 +27,10 @@ from rosa_bench.config import RunConfig
 from rosa_bench.data.task import Task
 from rosa_bench.methods.base import Method, is_head, trainable_parameter_count
 from rosa_bench.train import checkpoint as ckpt
-from rosa_bench.train.evaluation import evaluate_split, generate_samples
+from rosa_bench.train import distributed
+from rosa_bench.train.evaluation import evaluate_split, generate_samples, sharded_generate
 from rosa_bench.train.guard import NonFiniteGuard
-from rosa_bench.train.logger import RunLogger, peak_memory_mb
+from rosa_bench.train.logger import RunLogger
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 SCHEDULER_NAMES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
@@ -39,8 +40,9 @@ class Trainer:
     def __init__(self, run: RunConfig, folder: Path, model: nn.Module, tokenizer: Any,
                  task: Task, method: Method):
         self.run, self.folder, self.task, self.method, self.tokenizer = run, folder, task, method, tokenizer
+        distributed.start(run)
         self.accelerator = Accelerator(
-            mixed_precision=MIXED_PRECISION[run.train.precision],
+            cpu=distributed.use_cpu(), mixed_precision=MIXED_PRECISION[run.train.precision],
             gradient_accumulation_steps=run.train.grad_accum,
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=run.seed),
         )
@@ -71,13 +73,15 @@ class Trainer:
 
     def _loaders(self) -> tuple[DataLoader, dict[str, DataLoader]]:
         t = self.run.train
-        # its own generator: starting an epoch's iterator must not draw from the global RNG,
-        # or a run resumed mid-epoch would shift every later dropout mask
         train = DataLoader(self.task.splits["train"], batch_size=t.batch_size, shuffle=True,
                            collate_fn=self.task.collate, num_workers=t.num_workers,
+                           worker_init_fn=distributed.ignore_stop_signals,
+                           # its own generator: starting (or skipping into) an epoch draws no
+                           # number from the global RNG, so a resumed run's dropout stays in step
                            generator=torch.Generator().manual_seed(self.run.seed))
-        evals = {s: DataLoader(self.task.splits[s], batch_size=t.eval_batch_size or t.batch_size,
-                               collate_fn=self.task.collate, num_workers=t.num_workers)
+        evals = {s: DataLoader(distributed.shard(self.task.splits[s]),  # gathered in evaluate_split
+                               batch_size=t.eval_batch_size or t.batch_size, collate_fn=self.task.collate,
+                               num_workers=t.num_workers, worker_init_fn=distributed.ignore_stop_signals)
                  for s in self.task.validation_splits}
         return train, evals
 
@@ -90,10 +94,15 @@ class Trainer:
 
     # ---- the loop ------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
+        with distributed.StopOnSignal() as self.stop:
+            return self._fit()
+
+    def _fit(self) -> dict[str, Any]:
         run, acc = self.run, self.accelerator
         train_loader, eval_loaders = self._loaders()
         self.optimizer = torch.optim.AdamW(self._param_groups(), lr=run.train.lr)
-        self.model, self.optimizer, train_loader = acc.prepare(self.model, self.optimizer, train_loader)
+        self.model = distributed.prepare_model(acc, self.model)
+        self.optimizer, train_loader = acc.prepare(self.optimizer, train_loader)
         self.eval_loaders = eval_loaders
         self.steps_per_epoch = max(1, math.ceil(len(train_loader) / run.train.grad_accum))
         self.total_steps = run.train.max_steps or run.train.epochs * self.steps_per_epoch
@@ -101,6 +110,7 @@ class Trainer:
         self.scheduler = get_scheduler(SCHEDULER_NAMES[run.train.scheduler], self.optimizer,
                                        num_warmup_steps=int(run.train.warmup_ratio * self.total_steps),
                                        num_training_steps=self.total_steps)
+        distributed.decorrelate_rng(run.seed)
         self._maybe_resume()
         self.logger = RunLogger(self.folder, enabled=acc.is_main_process, purge_step=self.global_step)
         self.logger.scalar("train/trainable_params", trainable_parameter_count(self.model), self.global_step)
@@ -125,22 +135,25 @@ class Trainer:
             self._evaluate()
         if self.saved_step != self.global_step:
             self._save_last()
+        distributed.check_replicas_agree(self._model_state())
         summary = self._write_metrics(complete=True)
         self.logger.close()
         return summary
 
     def _train_epoch(self, loader: DataLoader, bar: tqdm) -> None:
         run, acc = self.run, self.accelerator
-        window_loss, window_batches, window_tokens = 0.0, 0, 0
-        window_start = time.perf_counter()
+        window = distributed.LogWindow(time.perf_counter)
         for batch in loader:
             with acc.accumulate(self.model):
                 loss = self.model(**batch).loss
-                acc.backward(loss)
+                items = distributed.loss_items(batch, self.task.is_causal)
+                acc.backward(distributed.global_mean(loss, items))
                 skip = acc.sync_gradients and self.guard.skip_step(
                     loss, self.method.optimizer_parameters(self.model), self.global_step + 1)
                 if acc.sync_gradients and not skip:
                     self.method.before_optimizer_step()
+                    distributed.average_unsynced_gradients(self.method.optimizer_parameters(self.model),
+                                                           self.model)
                 if acc.sync_gradients and run.train.max_grad_norm and not skip:
                     acc.clip_grad_norm_(self.method.optimizer_parameters(self.model),
                                         run.train.max_grad_norm)
@@ -148,10 +161,9 @@ class Trainer:
                     self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             self.batches_done += 1
-            window_loss += float(loss.detach())
-            window_batches += 1
             mask = batch.get("attention_mask")
-            window_tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+            window.add(float(loss.detach()), items,
+                       int(mask.sum()) if mask is not None else batch["input_ids"].numel())
             if not acc.sync_gradients:
                 continue
             self.scheduler.step()
@@ -159,22 +171,24 @@ class Trainer:
             bar.update(1)
             self.method.on_step_end(self)
             if self.global_step % run.logging.log_every == 0 or self.global_step == self.total_steps:
-                elapsed = time.perf_counter() - window_start
-                avg = window_loss / window_batches
-                self.logger.scalars({"train/loss": avg, "train/lr": self.scheduler.get_last_lr()[0],
-                                     "train/tokens_per_s": window_tokens * acc.num_processes / elapsed,
-                                     "train/peak_mem_mb": peak_memory_mb(),
+                stats = window.read()  # summed over processes
+                self.logger.scalars({"train/loss": stats["loss"], "train/lr": self.scheduler.get_last_lr()[0],
+                                     "train/tokens_per_s": stats["tokens_per_s"],
+                                     "train/peak_mem_mb": stats["peak_mem_mb"],
                                      "train/epoch": self.global_step / self.steps_per_epoch},
                                     self.global_step)
-                bar.set_postfix(loss=f"{avg:.4f}")
-                window_loss, window_batches, window_tokens = 0.0, 0, 0
-                window_start = time.perf_counter()
+                bar.set_postfix(loss=f"{stats['loss']:.4f}")
             if run.logging.eval_every and self.global_step % run.logging.eval_every == 0:
                 self._evaluate()
             if run.logging.eval_generate_every and self.global_step % run.logging.eval_generate_every == 0:
                 self._evaluate_generation()
             if run.train.save_every and self.global_step % run.train.save_every == 0:
                 self._save_last()
+            if self.stop.requested():  # all processes agree, after the same step
+                if self.saved_step != self.global_step:
+                    self._save_last()
+                self.logger.close()
+                self.stop.exit()
             if self.global_step >= self.total_steps:
                 return
 
@@ -184,12 +198,12 @@ class Trainer:
         model = acc.unwrap_model(self.model)
         scores: dict[str, dict[str, float]] = {}
         for split, loader in self.eval_loaders.items():
-            scores[split] = evaluate_split(model, self.task, loader, acc.device)
+            scores[split] = evaluate_split(model, self.task, loader, acc.device, sharded=True)
             prefix = "valid" if split == self.task.validation_splits[0] else f"valid_{split.split('_')[-1]}"
             self.logger.scalars({f"{prefix}/{k}": v for k, v in scores[split].items()}, self.global_step)
-        if self.task.is_causal and self.task.sample_prompts and acc.is_main_process:
+        if self.task.is_causal and self.task.sample_prompts:
             samples = generate_samples(model, self.tokenizer, self.task.sample_prompts, acc.device,
-                                       self.run.logging.sample_max_new_tokens)
+                                       self.run.logging.sample_max_new_tokens, sharded=True)
             text = "\n\n".join(f"**prompt:** `{p.strip()}`  \n**generation:** {g}"
                                for p, g in zip(self.task.sample_prompts, samples))
             self.logger.text("valid/sample", text, self.global_step)
@@ -199,13 +213,14 @@ class Trainer:
     def _evaluate_generation(self) -> None:
         """Generation scores (BLEU, ROUGE, accuracy) on the first validation split, with the
         same code as evaluate.py, so their curves exist during training."""
-        if not (self.task.generation_sets and self.accelerator.is_main_process):
+        if not self.task.generation_sets:
             return
         from rosa_bench.evaluate import generation_scores
 
         split = self.task.validation_splits[0]
         scores, _, _ = generation_scores(self.accelerator.unwrap_model(self.model), self.tokenizer, self.task,
-                                         split, self.run.logging.eval_generate_max_prompts, progress=False)
+                                         split, self.run.logging.eval_generate_max_prompts, progress=False,
+                                         decode=sharded_generate)
         self.logger.scalars({f"valid/{k}": v for k, v in scores.items() if isinstance(v, float)},
                             self.global_step)
 
@@ -238,9 +253,10 @@ class Trainer:
 
     def _save_last(self) -> None:
         self.accelerator.wait_for_everyone()
+        rng = distributed.gather_rng_states()  # every process's, to resume each one's own
         if self.accelerator.is_main_process:
             ckpt.save_checkpoint(runs.checkpoint_dir(self.folder, "last"), self._model_state(),
-                                 self._loop_state(), self.optimizer, self.scheduler,
+                                 self._loop_state() | rng, self.optimizer, self.scheduler,
                                  keep=self.run.train.keep_checkpoints)
         self.saved_step = self.global_step
 
@@ -251,6 +267,7 @@ class Trainer:
         self.method.load_checkpoint_state(self.accelerator.unwrap_model(self.model),
                                           ckpt.load_model_state(last))
         state = ckpt.restore_training_state(last, self.optimizer, self.scheduler)
+        distributed.restore_rng_state(state)
         self.global_step, self.epoch = state["global_step"], state["epoch"]
         self.batches_done, self.best = state["batches_done"], state["best"]
         self.guard.skipped = state.get("nonfinite_skipped", 0)
