@@ -124,7 +124,9 @@ def test_glue_scores_and_submission_file(tmp_path):
     result = evaluate_run(folder, "validation", "last", progress=False)
     assert 0 <= result["scores"]["accuracy"] <= 1
     lines = (folder / "predictions_validation.tsv").read_text().splitlines()
-    assert lines[0] == "index\tprediction" and len(lines) == 13
+    # the run validated on 12 rows (dataset.max_eval_samples=12); evaluation scores all 277
+    assert lines[0] == "index\tprediction" and len(lines) == 278
+    assert result["scored"] == {"inputs": 277, "inputs_in_split": 277}
     assert {line.split("\t")[1] for line in lines[1:]} <= {"entailment", "not_entailment"}
     evaluate_run(folder, "test", "last", max_samples=5, progress=False)
     test = (folder / "predictions_test.tsv").read_text().splitlines()
@@ -140,3 +142,63 @@ def test_gsm8k_pipeline_and_generation_curves_during_training(tmp_path):
     result = evaluate_run(folder, "test_math", "last", max_samples=3, progress=False)
     assert result["metric"] == "math" and "last \\boxed{}" in result["scores"]["extraction"]
     assert (folder / "predictions_test_math.jsonl").is_file()
+
+
+@pytest.fixture
+def cheap_e2e_scorer(monkeypatch):
+    """The E2E scorer without METEOR's JVM: counts what it was given."""
+    def count(predictions, references):
+        return {"predictions": float(len(predictions)), "references": float(sum(map(len, references)))}
+
+    monkeypatch.setitem(ev.GENERATION_SCORERS, "e2e", count)
+
+
+def test_training_time_cap_does_not_shrink_the_evaluated_split(e2e_run, cheap_e2e_scorer, capsys):
+    """The run validated on 12 reference rows (dataset.max_eval_samples=12, under two MRs);
+    --max-samples 3 must score 3 test MRs with all their references, and say so."""
+    import evaluate as cli
+
+    cli.main(["--run", str(e2e_run), "--split", "test", "--max-samples", "3", "--no-progress"])
+    saved = json.loads((e2e_run / "eval_test.json").read_text())
+    test_mrs = [line.split('",')[0] for line in (ROOT.parent / "shared" / "data" / "e2e" /
+                                                 "testset_w_refs.csv").read_text().splitlines()[1:]]
+    first_three = dict.fromkeys(test_mrs)
+    refs = sum(test_mrs.count(mr) for mr in list(first_three)[:3])
+    assert saved["scored"] == {"inputs": 3, "inputs_in_split": 630, "references": refs, "loss_rows": refs}
+    assert saved["scores"]["predictions"] == 3 and saved["scores"]["references"] == refs
+    assert f"test: scored 3 of 630 meaning representations ({refs} references); loss on {refs}" \
+        in capsys.readouterr().out
+
+
+def test_decoding_overrides_are_recorded_and_named(e2e_run, cheap_e2e_scorer):
+    plain = evaluate_run(e2e_run, "validation", "last", max_samples=2, progress=False)
+    beams = evaluate_run(e2e_run, "validation", "last", max_samples=2, progress=False,
+                         overrides=["dataset.generation.num_beams=1", "dataset.generation.max_new_tokens=3",
+                                    "dataset.generation.batch_size=1"])
+    name = "validation,max_new_tokens=3,num_beams=1"
+    assert plain["files"]["eval"] == "eval_validation.json" and beams["files"]["eval"] == f"eval_{name}.json"
+    saved = json.loads((e2e_run / f"eval_{name}.json").read_text())
+    assert saved["generation"]["num_beams"] == 1 and saved["generation"]["max_new_tokens"] == 3
+    assert saved["overrides"][0] == "dataset.generation.num_beams=1"
+    assert json.loads((e2e_run / "eval_validation.json").read_text())["generation"]["num_beams"] == 2
+    for stem in ("predictions_validation", f"predictions_{name}"):
+        assert (e2e_run / f"{stem}.jsonl").is_file() and (e2e_run / f"{stem}.txt").is_file()
+    assert f"valid,max_new_tokens=3,num_beams=1/predictions" in tags(e2e_run)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("fnmodel.rank=4", "'fnmodel.rank=4' would change the trained model"),
+    ("model.name=gpt2", "'model.name=gpt2' would change the trained model"),
+    ("fnmodel.name=rosa", "'fnmodel.name=rosa' would change the trained model"),
+    ("dataset.prompt=x", "accepts only: dataset.generation.<key>"),
+    ("dataset.generation.num_beam=3", "num_beam"),
+    ("dataset.generation.num_beams=0", "dataset.generation.num_beams=0 must be > 0"),
+    ("num_beams", "'num_beams' is not key=value"),
+])
+def test_overrides_that_change_the_model_are_refused(e2e_run, override, message, capsys):
+    import evaluate as cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--run", str(e2e_run), override])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exit_info.value.code == 2 and len(errors) == 1 and message in errors[0], errors
