@@ -202,3 +202,27 @@ def test_overrides_that_change_the_model_are_refused(e2e_run, override, message,
         cli.main(["--run", str(e2e_run), override])
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert exit_info.value.code == 2 and len(errors) == 1 and message in errors[0], errors
+
+
+def test_runs_log_hparams_best_and_test_scores_for_tensorboard(tmp_path, cheap_e2e_scorer):
+    """Each run folder is an HParams session: its hyperparameters, best validation scores
+    (best/<score>) and the test scores evaluate.py adds (test/<score>) are metric columns."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams.metadata import parse_session_start_info_plugin_data
+
+    folder = trained(tmp_path, "model=tiny-gpt2", "dataset=e2e", "fnmodel=lora", "fnmodel.rank=2",
+                     "seed=3", "dataset.generation.max_new_tokens=2", "dataset.generation.num_beams=1")
+    evaluate_run(folder, "test", "best", max_samples=1, progress=False)
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    acc.Reload()
+    content = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    hparams = {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind"))
+               for k, v in parse_session_start_info_plugin_data(content).hparams.items()}
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert {k: hparams[k] for k in ("method", "model", "task", "seed", "rank", "alpha", "lr")} == {
+        "method": "lora", "model": "tiny-gpt2", "task": "e2e", "seed": 3, "rank": 2, "alpha": 16, "lr": 5e-3}
+    assert hparams["trainable_params"] == metrics["trainable_params"] == 2 * 2 * (32 + 96)
+    best = {tag: acc.Scalars(tag)[-1] for tag in acc.Tags()["scalars"] if tag.startswith("best/")}
+    assert best["best/loss"].value == pytest.approx(metrics["best"]["value"])
+    assert best["best/loss"].step == metrics["best"]["step"]
+    assert "test/predictions" in acc.Tags()["scalars"]
