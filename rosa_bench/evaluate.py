@@ -19,11 +19,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-from torch.utils.data import DataLoader
-
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from torch import nn
+from torch.utils.data import DataLoader
 
 from rosa_bench import runs
 from rosa_bench.config import RunConfig, validate
@@ -243,7 +242,8 @@ def predict(model: nn.Module, task: Task, rows: Any, batch_size: int) -> tuple[n
 
 
 def classification_scores(model: nn.Module, task: Task, split: str, limit: int | None, train_cfg: Any,
-                          folder: Path, name: str, files: dict[str, str]) -> tuple[dict[str, Any], dict[str, int]]:
+                          folder: Path, name: str,
+                          files: dict[str, str]) -> tuple[dict[str, Any], dict[str, int]]:
     """The task metric on labelled splits; every split's predictions in GLUE's submission
     format (`index<TAB>prediction`, label names as in the GLUE files)."""
     rows, raw = task.splits[split], task.raw[split]

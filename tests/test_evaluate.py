@@ -5,6 +5,7 @@ matches one-at-a-time generation."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -183,7 +184,7 @@ def test_decoding_overrides_are_recorded_and_named(e2e_run, cheap_e2e_scorer):
     assert json.loads((e2e_run / "eval_validation.json").read_text())["generation"]["num_beams"] == 2
     for stem in ("predictions_validation", f"predictions_{name}"):
         assert (e2e_run / f"{stem}.jsonl").is_file() and (e2e_run / f"{stem}.txt").is_file()
-    assert f"valid,max_new_tokens=3,num_beams=1/predictions" in tags(e2e_run)
+    assert "valid,max_new_tokens=3,num_beams=1/predictions" in tags(e2e_run)
 
 
 @pytest.mark.parametrize("override,message", [
@@ -226,3 +227,66 @@ def test_runs_log_hparams_best_and_test_scores_for_tensorboard(tmp_path, cheap_e
     assert best["best/loss"].value == pytest.approx(metrics["best"]["value"])
     assert best["best/loss"].step == metrics["best"]["step"]
     assert "test/predictions" in acc.Tags()["scalars"]
+
+
+# Loads our scorers with Hugging Face's `evaluate` in a process outside the repository (whose
+# evaluate.py would shadow the package) and prints their results as JSON.
+MODULE_LOADER = """
+import json, sys
+import evaluate
+sys.path.append(sys.argv[1])
+from rosa_bench.evaluate_modules import module_path
+out = {}
+for key, (predictions, references) in json.loads(sys.argv[2]).items():
+    name, _, task = key.partition("/")
+    module = evaluate.load(module_path(name), task or None)
+    out[key] = module.compute(predictions=predictions, references=references)
+print(json.dumps(out))
+"""
+NLG_PREDICTIONS = ["The Eagle is a cheap coffee shop near Burger King.",
+                   "Cotto serves Chinese food in the riverside."]
+NLG_REFERENCES = [["The Eagle is a low-priced coffee shop near Burger King.",
+                   "Near Burger King, The Eagle is cheap."],
+                  ["Cotto is a Chinese pub by the riverside."]]
+MODULE_CASES = {
+    "rouge": (NLG_PREDICTIONS, NLG_REFERENCES),
+    "gsm8k": (["3 + 4 = 7. The answer is: 7", "The answer is: $1,200 dollars", "no idea"],
+              ["Natalia sold 4 + 3 clips.\n#### 7", "1200", "#### 5"]),
+    "math": (["so \\boxed{\\frac12}", "The answer is: 3", "\\boxed{x^2}"],
+             ["hence $\\boxed{\\frac{1}{2}}$", "\\boxed{3}", "\\boxed{x^3}"]),
+    "glue/mrpc": ([0, 1, 1, 0, 1], [0, 1, 0, 0, 1]),
+    "glue/cola": ([0, 1, 1, 0, 1], [0, 1, 0, 0, 0]),
+    "glue/stsb": ([0.5, 2.5, 4.0, 1.0], [0.0, 3.0, 3.5, 1.5]),
+}
+
+
+def scores_through_evaluate(tmp_path: Path, cases: dict) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", MODULE_LOADER, str(ROOT), json.dumps(cases)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def our_scores(key: str, predictions: list, references: list) -> dict:
+    from rosa_bench.metrics import GENERATION_SCORERS, glue_metrics
+
+    name, _, task = key.partition("/")
+    if name == "glue":
+        return glue_metrics(task, predictions, references)
+    groups = [[r] if isinstance(r, str) else r for r in references]
+    return GENERATION_SCORERS[name](predictions, groups)
+
+
+def test_scorers_load_offline_as_evaluate_modules_with_our_numbers(tmp_path):
+    found = scores_through_evaluate(tmp_path, MODULE_CASES)
+    for key, (predictions, references) in MODULE_CASES.items():
+        assert found[key] == json.loads(json.dumps(our_scores(key, predictions, references))), key
+    assert found["gsm8k"]["accuracy"] == pytest.approx(200 / 3) and found["glue/mrpc"]["accuracy"] == 0.8
+
+
+@pytest.mark.slow  # METEOR's JVM, twice
+def test_e2e_scorer_loads_offline_as_an_evaluate_module(tmp_path):
+    found = scores_through_evaluate(tmp_path, {"e2e": (NLG_PREDICTIONS, NLG_REFERENCES)})
+    expected = our_scores("e2e", NLG_PREDICTIONS, NLG_REFERENCES)
+    assert found["e2e"] == json.loads(json.dumps(expected)) and expected["BLEU"] > 0

@@ -168,7 +168,8 @@ def test_cola_alone_exports_one_merged_folder_per_user(tmp_path):
     ([*CAUSAL, "fnmodel=rosa", "fnmodel.rank=2"], "peft",
      "--format peft: PEFT has no adapter type for a rosa run (only lora, peft_lora); use --format merged"),
     ([*CAUSAL, "fnmodel=cola", "fnmodel.adapter=mlp"], "merged", "nonlinear (mlp) adapter"),
-    ([*CAUSAL, "fnmodel=lora", "fnmodel.rank=2"], "gguf", "unknown --format 'gguf'; choose one of: merged, peft"),
+    ([*CAUSAL, "fnmodel=lora", "fnmodel.rank=2"], "gguf",
+     "unknown --format 'gguf'; choose one of: merged, peft"),
 ])
 def test_what_cannot_be_exported_is_refused_with_one_line(tmp_path, overrides, fmt, message, capsys):
     import export as cli
@@ -206,8 +207,9 @@ def test_smollm2_exports_as_plain_safetensors_and_as_a_peft_adapter(tmp_path):
     ids = input_ids(49152, length=12)
     loaded = load_elsewhere(tmp_path, {"merged": (tmp_path / "merged", ids)})
     torch.testing.assert_close(loaded["merged"], run_logits(folder, ids, merged=True), atol=1e-5, rtol=0)
-    base_path = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
-    base = AutoModelForCausalLM.from_pretrained(base_path)
+    adapter = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    base = AutoModelForCausalLM.from_pretrained(adapter["base_model_name_or_path"])
     with torch.no_grad():
-        logits = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()(input_ids=torch.tensor(ids)).logits
+        peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+        logits = peft_model(input_ids=torch.tensor(ids)).logits
     torch.testing.assert_close(logits, run_logits(folder, ids), atol=1e-5, rtol=0)
