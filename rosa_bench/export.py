@@ -40,7 +40,7 @@ def export_run(folder: str | Path, out: str | Path, checkpoint: str = "best",
     run = run_config(folder)
     method = run.fnmodel.name
     if fmt == "peft" and method not in PEFT_METHODS:
-        raise UserError(f"--format peft: PEFT has no adapter type for a {method} run (only "
+        raise UserError(f"--format peft: a {method} run is not a PEFT LoRA adapter (only "
                         f"{', '.join(PEFT_METHODS)}); use --format merged (a plain transformers model)")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} exists and is not empty; choose a new folder")

@@ -166,7 +166,7 @@ def test_cola_alone_exports_one_merged_folder_per_user(tmp_path):
 
 @pytest.mark.parametrize("overrides,fmt,message", [
     ([*CAUSAL, "fnmodel=rosa", "fnmodel.rank=2"], "peft",
-     "--format peft: PEFT has no adapter type for a rosa run (only lora, peft_lora); use --format merged"),
+     "--format peft: a rosa run is not a PEFT LoRA adapter (only lora, peft_lora); use --format merged"),
     ([*CAUSAL, "fnmodel=cola", "fnmodel.adapter=mlp"], "merged", "nonlinear (mlp) adapter"),
     ([*CAUSAL, "fnmodel=lora", "fnmodel.rank=2"], "gguf",
      "unknown --format 'gguf'; choose one of: merged, peft"),
