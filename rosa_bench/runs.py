@@ -149,7 +149,12 @@ def _load_config(folder: Path) -> Any:
 def read_config(folder: Path, trust_remote_code: bool = False) -> RunConfig:
     """The saved config, validated. A run folder may come from anyone: its
     model.trust_remote_code is honoured only when the caller passes trust_remote_code too."""
-    run = validate(_load_config(folder))
+    return refuse_untrusted(folder, validate(_load_config(folder)), trust_remote_code)
+
+
+def refuse_untrusted(folder: Path, run: RunConfig, trust_remote_code: bool) -> RunConfig:
+    """`run` unless its model.trust_remote_code (from a folder that may come from anyone) was
+    not also asked for by the caller."""
     if run.model.trust_remote_code and not trust_remote_code:
         raise UserError(f"{Path(folder) / CONFIG_FILE} sets model.trust_remote_code=true, which runs code "
                         "from the hub; pass --trust-remote-code to allow it")

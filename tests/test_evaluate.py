@@ -5,6 +5,7 @@ matches one-at-a-time generation."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -124,7 +125,9 @@ def test_glue_scores_and_submission_file(tmp_path):
     result = evaluate_run(folder, "validation", "last", progress=False)
     assert 0 <= result["scores"]["accuracy"] <= 1
     lines = (folder / "predictions_validation.tsv").read_text().splitlines()
-    assert lines[0] == "index\tprediction" and len(lines) == 13
+    # the run validated on 12 rows (dataset.max_eval_samples=12); evaluation scores all 277
+    assert lines[0] == "index\tprediction" and len(lines) == 278
+    assert result["scored"] == {"inputs": 277, "inputs_in_split": 277}
     assert {line.split("\t")[1] for line in lines[1:]} <= {"entailment", "not_entailment"}
     evaluate_run(folder, "test", "last", max_samples=5, progress=False)
     test = (folder / "predictions_test.tsv").read_text().splitlines()
@@ -140,3 +143,150 @@ def test_gsm8k_pipeline_and_generation_curves_during_training(tmp_path):
     result = evaluate_run(folder, "test_math", "last", max_samples=3, progress=False)
     assert result["metric"] == "math" and "last \\boxed{}" in result["scores"]["extraction"]
     assert (folder / "predictions_test_math.jsonl").is_file()
+
+
+@pytest.fixture
+def cheap_e2e_scorer(monkeypatch):
+    """The E2E scorer without METEOR's JVM: counts what it was given."""
+    def count(predictions, references):
+        return {"predictions": float(len(predictions)), "references": float(sum(map(len, references)))}
+
+    monkeypatch.setitem(ev.GENERATION_SCORERS, "e2e", count)
+
+
+def test_training_time_cap_does_not_shrink_the_evaluated_split(e2e_run, cheap_e2e_scorer, capsys):
+    """The run validated on 12 reference rows (dataset.max_eval_samples=12, under two MRs);
+    --max-samples 3 must score 3 test MRs with all their references, and say so."""
+    import evaluate as cli
+
+    cli.main(["--run", str(e2e_run), "--split", "test", "--max-samples", "3", "--no-progress"])
+    saved = json.loads((e2e_run / "eval_test.json").read_text())
+    test_mrs = [line.split('",')[0] for line in (ROOT.parent / "shared" / "data" / "e2e" /
+                                                 "testset_w_refs.csv").read_text().splitlines()[1:]]
+    first_three = dict.fromkeys(test_mrs)
+    refs = sum(test_mrs.count(mr) for mr in list(first_three)[:3])
+    assert saved["scored"] == {"inputs": 3, "inputs_in_split": 630, "references": refs, "loss_rows": refs}
+    assert saved["scores"]["predictions"] == 3 and saved["scores"]["references"] == refs
+    assert f"test: scored 3 of 630 meaning representations ({refs} references); loss on {refs}" \
+        in capsys.readouterr().out
+
+
+def test_decoding_overrides_are_recorded_and_named(e2e_run, cheap_e2e_scorer):
+    plain = evaluate_run(e2e_run, "validation", "last", max_samples=2, progress=False)
+    beams = evaluate_run(e2e_run, "validation", "last", max_samples=2, progress=False,
+                         overrides=["dataset.generation.num_beams=1", "dataset.generation.max_new_tokens=3",
+                                    "dataset.generation.batch_size=1"])
+    name = "validation,max_new_tokens=3,num_beams=1"
+    assert plain["files"]["eval"] == "eval_validation.json" and beams["files"]["eval"] == f"eval_{name}.json"
+    saved = json.loads((e2e_run / f"eval_{name}.json").read_text())
+    assert saved["generation"]["num_beams"] == 1 and saved["generation"]["max_new_tokens"] == 3
+    assert saved["overrides"][0] == "dataset.generation.num_beams=1"
+    assert json.loads((e2e_run / "eval_validation.json").read_text())["generation"]["num_beams"] == 2
+    for stem in ("predictions_validation", f"predictions_{name}"):
+        assert (e2e_run / f"{stem}.jsonl").is_file() and (e2e_run / f"{stem}.txt").is_file()
+    assert "valid,max_new_tokens=3,num_beams=1/predictions" in tags(e2e_run)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("fnmodel.rank=4", "'fnmodel.rank=4' would change the trained model"),
+    ("model.name=gpt2", "'model.name=gpt2' would change the trained model"),
+    ("fnmodel.name=rosa", "'fnmodel.name=rosa' would change the trained model"),
+    ("dataset.prompt=x", "accepts only: dataset.generation.<key>"),
+    ("dataset.generation.num_beam=3", "num_beam"),
+    ("dataset.generation.num_beams=0", "dataset.generation.num_beams=0 must be > 0"),
+    ("num_beams", "'num_beams' is not key=value"),
+])
+def test_overrides_that_change_the_model_are_refused(e2e_run, override, message, capsys):
+    import evaluate as cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--run", str(e2e_run), override])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exit_info.value.code == 2 and len(errors) == 1 and message in errors[0], errors
+
+
+def test_runs_log_hparams_best_and_test_scores_for_tensorboard(tmp_path, cheap_e2e_scorer):
+    """Each run folder is an HParams session: its hyperparameters, best validation scores
+    (best/<score>) and the test scores evaluate.py adds (test/<score>) are metric columns."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams.metadata import parse_session_start_info_plugin_data
+
+    folder = trained(tmp_path, "model=tiny-gpt2", "dataset=e2e", "fnmodel=lora", "fnmodel.rank=2",
+                     "seed=3", "dataset.generation.max_new_tokens=2", "dataset.generation.num_beams=1")
+    evaluate_run(folder, "test", "best", max_samples=1, progress=False)
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    acc.Reload()
+    content = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    hparams = {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind"))
+               for k, v in parse_session_start_info_plugin_data(content).hparams.items()}
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert {k: hparams[k] for k in ("method", "model", "task", "seed", "rank", "alpha", "lr")} == {
+        "method": "lora", "model": "tiny-gpt2", "task": "e2e", "seed": 3, "rank": 2, "alpha": 16, "lr": 5e-3}
+    assert hparams["trainable_params"] == metrics["trainable_params"] == 2 * 2 * (32 + 96)
+    best = {tag: acc.Scalars(tag)[-1] for tag in acc.Tags()["scalars"] if tag.startswith("best/")}
+    assert best["best/loss"].value == pytest.approx(metrics["best"]["value"])
+    assert best["best/loss"].step == metrics["best"]["step"]
+    assert "test/predictions" in acc.Tags()["scalars"]
+
+
+# Loads our scorers with Hugging Face's `evaluate` in a process outside the repository (whose
+# evaluate.py would shadow the package) and prints their results as JSON.
+MODULE_LOADER = """
+import json, sys
+import evaluate
+sys.path.append(sys.argv[1])
+from rosa_bench.evaluate_modules import module_path
+out = {}
+for key, (predictions, references) in json.loads(sys.argv[2]).items():
+    name, _, task = key.partition("/")
+    module = evaluate.load(module_path(name), task or None)
+    out[key] = module.compute(predictions=predictions, references=references)
+print(json.dumps(out))
+"""
+NLG_PREDICTIONS = ["The Eagle is a cheap coffee shop near Burger King.",
+                   "Cotto serves Chinese food in the riverside."]
+NLG_REFERENCES = [["The Eagle is a low-priced coffee shop near Burger King.",
+                   "Near Burger King, The Eagle is cheap."],
+                  ["Cotto is a Chinese pub by the riverside."]]
+MODULE_CASES = {
+    "rouge": (NLG_PREDICTIONS, NLG_REFERENCES),
+    "gsm8k": (["3 + 4 = 7. The answer is: 7", "The answer is: $1,200 dollars", "no idea"],
+              ["Natalia sold 4 + 3 clips.\n#### 7", "1200", "#### 5"]),
+    "math": (["so \\boxed{\\frac12}", "The answer is: 3", "\\boxed{x^2}"],
+             ["hence $\\boxed{\\frac{1}{2}}$", "\\boxed{3}", "\\boxed{x^3}"]),
+    "glue/mrpc": ([0, 1, 1, 0, 1], [0, 1, 0, 0, 1]),
+    "glue/cola": ([0, 1, 1, 0, 1], [0, 1, 0, 0, 0]),
+    "glue/stsb": ([0.5, 2.5, 4.0, 1.0], [0.0, 3.0, 3.5, 1.5]),
+}
+
+
+def scores_through_evaluate(tmp_path: Path, cases: dict) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", MODULE_LOADER, str(ROOT), json.dumps(cases)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def our_scores(key: str, predictions: list, references: list) -> dict:
+    from rosa_bench.metrics import GENERATION_SCORERS, glue_metrics
+
+    name, _, task = key.partition("/")
+    if name == "glue":
+        return glue_metrics(task, predictions, references)
+    groups = [[r] if isinstance(r, str) else r for r in references]
+    return GENERATION_SCORERS[name](predictions, groups)
+
+
+def test_scorers_load_offline_as_evaluate_modules_with_our_numbers(tmp_path):
+    found = scores_through_evaluate(tmp_path, MODULE_CASES)
+    for key, (predictions, references) in MODULE_CASES.items():
+        assert found[key] == json.loads(json.dumps(our_scores(key, predictions, references))), key
+    assert found["gsm8k"]["accuracy"] == pytest.approx(200 / 3) and found["glue/mrpc"]["accuracy"] == 0.8
+
+
+@pytest.mark.slow  # METEOR's JVM, twice
+def test_e2e_scorer_loads_offline_as_an_evaluate_module(tmp_path):
+    found = scores_through_evaluate(tmp_path, {"e2e": (NLG_PREDICTIONS, NLG_REFERENCES)})
+    expected = our_scores("e2e", NLG_PREDICTIONS, NLG_REFERENCES)
+    assert found["e2e"] == json.loads(json.dumps(expected)) and expected["BLEU"] > 0

@@ -30,7 +30,7 @@ from rosa_bench.train import checkpoint as ckpt
 from rosa_bench.train import distributed
 from rosa_bench.train.evaluation import evaluate_split, generate_samples, sharded_generate
 from rosa_bench.train.guard import NonFiniteGuard
-from rosa_bench.train.logger import RunLogger
+from rosa_bench.train.logger import RunLogger, run_hparams
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 SCHEDULER_NAMES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
@@ -114,6 +114,7 @@ class Trainer:
         self._maybe_resume()
         self.logger = RunLogger(self.folder, enabled=acc.is_main_process, purge_step=self.global_step)
         self.logger.scalar("train/trainable_params", trainable_parameter_count(self.model), self.global_step)
+        self.logger.hparams(run_hparams(run, self.task.name, trainable_parameter_count(self.model)))
         self.method.on_train_start(self)
         bar = tqdm(total=self.total_steps, initial=self.global_step, desc="train",
                    disable=not (run.logging.progress and acc.is_local_main_process), dynamic_ncols=True)
@@ -239,6 +240,7 @@ class Trainer:
         if better:
             self.best = {"metric": name, "value": value, "step": self.global_step,
                          "epoch": self.epoch, "scores": scores}
+            self.logger.best(scores, self.global_step)
             if self.accelerator.is_main_process:
                 ckpt.save_checkpoint(runs.checkpoint_dir(self.folder, "best"), self._model_state(),
                                      self._loop_state())
