@@ -77,8 +77,10 @@ def evaluate_run(folder: str | Path, split: str = "test", checkpoint: str = "bes
         raise UserError(f"--max-samples={max_samples} must be > 0")
     run = runs.read_config(folder)
     path = load_checkpoint(folder, checkpoint)
-    # the train split is never used here: tokenize one row of it only
-    run = dataclasses.replace(run, dataset=dataclasses.replace(run.dataset, max_train_samples=1))
+    # the train split is never used here: tokenize one row of it only; the training-time cap on
+    # evaluation rows (a validation budget) does not cut the scored split: --max-samples does
+    run = dataclasses.replace(run, dataset=dataclasses.replace(run.dataset, max_train_samples=1,
+                                                               max_eval_samples=None))
     parts = build(run)
     if split not in split_choices(parts.task):
         raise choices_error(f"split of dataset {parts.task.name}", split, split_choices(parts.task))

@@ -5,6 +5,7 @@ matches one-at-a-time generation."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -140,3 +141,20 @@ def test_gsm8k_pipeline_and_generation_curves_during_training(tmp_path):
     result = evaluate_run(folder, "test_math", "last", max_samples=3, progress=False)
     assert result["metric"] == "math" and "last \\boxed{}" in result["scores"]["extraction"]
     assert (folder / "predictions_test_math.jsonl").is_file()
+
+
+def test_the_training_time_cap_on_eval_rows_does_not_cut_the_scored_split(e2e_run, monkeypatch, tmp_path):
+    """The run validated on 12 dev rows (dataset.max_eval_samples); scoring the test split
+    without --max-samples covers all 630 test MRs and every reference row."""
+    seen = {}
+
+    def capture(model, parts, split, limit, *args):
+        seen.update(prompts=len(parts.task.generation_sets[split].prompts), rows=len(parts.task.splits[split]),
+                    limit=limit)
+        return {}
+
+    run = tmp_path / e2e_run.name
+    shutil.copytree(e2e_run, run)
+    monkeypatch.setattr(ev, "causal_scores", capture)
+    evaluate_run(run, "test", "best", progress=False)
+    assert seen == {"prompts": 630, "rows": 4693, "limit": None}
