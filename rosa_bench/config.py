@@ -73,6 +73,9 @@ class MethodConfig:
     dropout: float = 0.0
     targets: list[str] | None = None  # name patterns; None: the method's default per family
     train_head: bool = True
+    # Protocol options (papers' original code trains more than the method itself):
+    train_biases: str = "none"  # none | targets (the adapted layers' biases) | all (every non-head bias)
+    train_norms: bool = False  # LayerNorm / RMSNorm weights and biases train too
 
 
 @dataclass
@@ -90,6 +93,8 @@ class TrainConfig:
     save_every: int = 0  # optimizer steps between checkpoints; 0: at epoch ends only
     precision: str = "fp32"  # fp32 | bf16 | fp16
     num_workers: int = 0
+    head_lr: float | None = None  # the task head's own learning rate; None: train.lr
+    init_from: str | None = None  # run folder whose trained weights this run starts from
 
 
 @dataclass
@@ -120,6 +125,7 @@ class RunConfig:
 
 
 SCHEDULERS = ("linear", "cosine", "constant")
+PAPER_KEY = "paper"  # a preset's per-task tables, read through interpolation only
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
@@ -144,12 +150,23 @@ def _check_positive(where: str, value: float | int | None, allow_zero: bool = Fa
         raise UserError(f"{where}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
 
 
+def _resolved(cfg: DictConfig | dict) -> DictConfig:
+    """Interpolations resolved against the whole config, then the `paper` key dropped: paper
+    presets keep per-task tables there (`train.lr: ${paper.lr.${dataset.task}}`)."""
+    try:
+        data = OmegaConf.to_container(OmegaConf.create(cfg), resolve=True)
+    except OmegaConfBaseException as err:
+        raise UserError(f"invalid config: {str(err).splitlines()[0]}") from None
+    data.pop(PAPER_KEY, None)
+    return OmegaConf.create(data)
+
+
 def validate(cfg: DictConfig | dict) -> RunConfig:
     """Check a composed config and return it as typed dataclasses (raises UserError)."""
     from rosa_bench.data import dataset_names
     from rosa_bench.methods import method_class
 
-    cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
+    cfg = _resolved(cfg)
     known = {"seed", "model", "dataset", "fnmodel", "train", "logging", "output"}
     extra = sorted(set(cfg.keys()) - known)
     if extra:
@@ -175,6 +192,7 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
         _check_positive(f"train.{key}", getattr(t, key))
     _check_positive("train.max_steps", t.max_steps)
     _check_positive("train.eval_batch_size", t.eval_batch_size)
+    _check_positive("train.head_lr", t.head_lr)
     _check_positive("train.save_every", t.save_every, allow_zero=True)
     _check_positive("logging.eval_every", run.logging.eval_every, allow_zero=True)
     _check_positive("logging.log_every", run.logging.log_every)

@@ -166,7 +166,7 @@ def classification_scores(model: nn.Module, task: Task, split: str, limit: int |
     text = [f"{i}\t{submission_label(task, p)}" for i, p in zip(raw["idx"], pred)]
     runs.atomic_write_text(folder / name, "\n".join(["index\tprediction", *text]) + "\n")
     files["predictions"] = name
-    return task.compute_metrics(pred, labels) if labels is not None else {}
+    return task.compute_metrics(pred, labels, split=split) if labels is not None else {}
 
 
 def submission_label(task: Task, prediction: Any) -> str:

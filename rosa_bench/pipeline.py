@@ -58,6 +58,12 @@ def train(run: RunConfig, overrides: list[str]) -> Path:
         print(f"run already complete: {folder} (delete it to train again)")
         return folder
     parts = build(run)  # fails on bad input before the run folder exists
+    if run.train.init_from:
+        from rosa_bench.train.init_from import load_initial_weights
+
+        fresh = load_initial_weights(run, parts.model, parts.method)
+        fresh_note = f" (fresh head: {', '.join(fresh)})" if fresh else ""
+        print(f"starting from {run.train.init_from}{fresh_note}")
     folder.mkdir(parents=True, exist_ok=True)
     runs.write_config(folder, run, overrides)
     summary = Trainer(run, folder, parts.model, parts.tokenizer, parts.task, parts.method).fit()

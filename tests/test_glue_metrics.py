@@ -1,13 +1,18 @@
-"""GLUE metrics against values worked out by hand from small confusion matrices."""
+"""GLUE metrics against values worked out by hand from small confusion matrices; a diverged
+STS-B model's NaN scores, how the trainer ranks them, and how they are written to JSON."""
 
 from __future__ import annotations
 
+import json
 import math
+from types import SimpleNamespace
 
 import pytest
 
+from rosa_bench import runs
 from rosa_bench.errors import UserError
 from rosa_bench.metrics import glue_metrics
+from rosa_bench.train.loop import Trainer
 
 
 def confusion(tp: int, fp: int, fn: int, tn: int) -> tuple[list[int], list[int]]:
@@ -54,6 +59,51 @@ def test_pearson_and_spearman_for_stsb():
 def test_constant_regression_predictions_score_zero_not_nan():
     scores = glue_metrics("stsb", [2.5, 2.5, 2.5], [1.0, 3.0, 5.0])
     assert scores == {"pearson": 0.0, "spearmanr": 0.0, "combined": 0.0}
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_nan_stsb_prediction_gives_nan_with_a_warning_naming_the_split(bad):
+    with pytest.warns(UserWarning, match=r"STS-B on split 'validation': 1 of 4 predictions are NaN or inf"):
+        scores = glue_metrics("stsb", [1.0, bad, 3.0, 4.0], [1.0, 3.0, 2.0, 10.0], split="validation")
+    assert set(scores) == {"pearson", "spearmanr", "combined"}
+    assert all(math.isnan(value) for value in scores.values())
+
+
+def track(values: list[float], greater_is_better: bool = True, best: dict | None = None) -> dict:
+    """The best entry after the trainer's _track_best, starting from `best`, sees `values` at
+    steps 1, 2, ... (no process is the main one, so nothing is saved)."""
+    printed: list[str] = []
+    trainer = SimpleNamespace(
+        task=SimpleNamespace(metric_name="combined", greater_is_better=greater_is_better,
+                             validation_splits=["validation"]),
+        accelerator=SimpleNamespace(is_main_process=False, print=printed.append),
+        best=best or {}, epoch=0, global_step=0, _write_metrics=lambda complete: None)
+    for step, value in enumerate(values, start=1):
+        trainer.global_step = step
+        Trainer._track_best(trainer, {"combined": value})
+    return trainer.best | {"printed": printed}
+
+
+def test_the_trainer_ranks_a_nan_score_worst():
+    assert track([0.2, math.nan, 0.5, math.nan, 0.4])["step"] == 3
+    assert track([math.nan, 0.1])["step"] == 2  # a first NaN is kept only until a number comes
+    assert track([math.nan, math.nan])["step"] == 1
+    assert track([0.9, math.nan, 0.5], greater_is_better=False)["step"] == 3  # losses: lower is better
+    assert track([0.1], best={"value": None, "step": 0})["step"] == 1  # NaN read back from JSON (null)
+    printed = track([math.nan])["printed"]
+    assert printed == ["warning: combined on split 'validation' is NaN at step 1; it ranks worst for the "
+                       "best checkpoint"]
+
+
+def test_a_nan_score_is_written_as_strict_json_null(tmp_path):
+    path = tmp_path / "metrics.json"
+    runs.write_json(path, {"best": {"value": math.nan, "scores": [1.5, math.inf]}, "n": 3})
+
+    def reject(constant: str):
+        raise AssertionError(f"non-standard JSON constant {constant}")
+
+    written = json.loads(path.read_text(), parse_constant=reject)
+    assert written == {"best": {"value": None, "scores": [1.5, None]}, "n": 3}
 
 
 def test_unknown_task():

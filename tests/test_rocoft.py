@@ -139,7 +139,7 @@ def test_only_selected_slices_and_head_get_gradients(family, mode):
 
 
 def test_train_bias_adds_the_target_biases():
-    model = rosa_bench.apply(tiny("bert"), "rocoft", rank=2, train_bias=True, train_head=False)
+    model = rosa_bench.apply(tiny("bert"), "rocoft", rank=2, train_biases="targets", train_head=False)
     with_grad, trainable = gradient_sets(model, "bert")
     assert with_grad == trainable
     biases = {n for n in trainable if n.endswith("base_layer.bias")}

@@ -44,8 +44,8 @@ class Task:
     metric_name: str  # the validation metric that picks the best checkpoint ("loss", "accuracy", ...)
     greater_is_better: bool
     num_labels: int | None = None  # classification classes; 1 for regression; None for causal
-    # classification/regression: (predictions, labels) -> {metric: value}
-    compute_metrics: Callable[[Any, Any], dict[str, float]] | None = None
+    # classification/regression: (predictions, labels, split=None) -> {metric: value}
+    compute_metrics: Callable[..., dict[str, float]] | None = None
     # causal tasks: raw prompts (already formatted) whose generations are logged as text samples
     sample_prompts: list[str] = field(default_factory=list)
     raw: dict[str, datasets.Dataset] = field(default_factory=dict)  # untokenized rows, same keys

@@ -1,5 +1,6 @@
 """From a root of run folders to everything a paper needs, one output folder per task folder
-(`runs/e2e_nlg`, `runs/glue/cola`...): curves, the rank sweep, the tables and runs.csv."""
+(`runs/e2e_nlg`, `runs/glue/cola`...): curves, the rank sweep, the tables and runs.csv; with
+several tasks, also the paper's layout (`paper_table.*`: a row per method, a column per task)."""
 
 from __future__ import annotations
 
@@ -70,8 +71,12 @@ def make_figures(root: Path, out: Path | None = None, opts: Options | None = Non
     coll = collect(root, opts.name_filter, opts.min_steps)
     tables.check_metric(coll, opts.metric)
     written = []
-    for task in sorted(coll.runs["task"].unique()):
+    tasks = sorted(coll.runs["task"].unique())
+    for task in tasks:
         title = (root / task).as_posix() if task != "." else root.as_posix()
         written += _task_outputs(_subset(coll, task), out / task, title, opts)
+    if len(tasks) > 1:  # a GLUE-style table: one column per task
+        metrics = {task: tables.selection_metric(_subset(coll, task), opts.metric) for task in tasks}
+        written += tables.write_paper_table(tables.paper_layout(coll, metrics), out)
     unfinished = sorted(coll.runs.index[~coll.runs["complete"].astype(bool)])
     return Report(written=written, skipped=coll.skipped, unfinished=unfinished)

@@ -109,3 +109,40 @@ def write_tables(table: pd.DataFrame, out: Path, stem: str = "table") -> list[Pa
     paths["md"].write_text(shown.to_markdown(index=False) + "\n")
     paths["tex"].write_text(shown.to_latex(index=False, escape=True))
     return list(paths.values())
+
+
+# What makes a row of a paper table (a column per task): the method, and these when they vary.
+PAPER_ROW_KEYS = ("model.name", "fnmodel.name", "fnmodel.adapter", "fnmodel.mode", "fnmodel.rank")
+
+
+def paper_layout(coll: Collection, metric_of_task: dict[str, str]) -> pd.DataFrame:
+    """The papers' layout of a multi-task table: one row per method (and model, adapter kind,
+    mode, rank where they vary), one column per task holding its own selection metric's best
+    validation value as 'mean ± std' over seeds, and the mean over tasks where a row has all."""
+    keys = [k for k in PAPER_ROW_KEYS if k in coll.configs
+            and (k == "fnmodel.name" or coll.configs[k].astype(str).nunique() > 1)]
+    values = pd.Series(float("nan"), index=coll.runs.index)
+    for task, metric in metric_of_task.items():
+        runs = coll.runs.index[coll.runs["task"] == task]
+        subset = Collection(runs=coll.runs.loc[runs], configs=coll.configs.loc[runs],
+                            curves=coll.curves[coll.curves["run"].isin(runs)])
+        values.loc[runs] = best_validation(subset, metric)
+    task_names = coll.runs["task"].map(lambda t: t.rsplit("/", 1)[-1])
+    frame = coll.configs[keys].astype(str).assign(task=task_names, value=values)
+    stats = frame.groupby([*keys, "task"], sort=False)["value"].agg(["mean", "std"])
+    cells = pd.Series([_mean_std(m, s) for m, s in zip(stats["mean"], stats["std"])], index=stats.index)
+    table = cells.unstack("task")
+    means = stats["mean"].unstack("task")
+    table["mean"] = [_mean_std(m, float("nan")) for m in means.mean(axis=1).where(means.notna().all(axis=1))]
+    short = {task.rsplit("/", 1)[-1]: metric for task, metric in metric_of_task.items()}
+    table.columns = [*(f"{t} ({short[t]})" for t in table.columns[:-1]), "mean"]
+    return table.reset_index()
+
+
+def write_paper_table(table: pd.DataFrame, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": out / "paper_table.csv", "md": out / "paper_table.md", "tex": out / "paper_table.tex"}
+    table.to_csv(paths["csv"], index=False)
+    paths["md"].write_text(table.to_markdown(index=False) + "\n")
+    paths["tex"].write_text(table.to_latex(index=False, escape=True))
+    return list(paths.values())

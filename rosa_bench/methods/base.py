@@ -38,6 +38,7 @@ ALL_PROJECTIONS: dict[str, list[str]] = {
 # Per-example batch fields that are not model inputs (ColA's user id): the forward pre-hook that
 # `attach` registers pops them before the HF forward and hands them to the attached method.
 SIDE_INPUTS = ("user",)
+BIAS_CHOICES = ("none", "targets", "all")
 _HOOKED_ATTR = "_rosa_bench_side_input_hook"
 _FIXED_SIDE_ATTR = "_rosa_bench_fixed_side_inputs"
 
@@ -61,6 +62,11 @@ def layer_shape(module: nn.Module) -> tuple[int, int]:
 
 def is_head(name: str) -> bool:
     return any(name == h or name.startswith(h + ".") for h in HEAD_NAMES)
+
+
+def is_norm(module: nn.Module) -> bool:
+    """LayerNorm and the RMSNorm classes of HF models (LlamaRMSNorm ...), found by class name."""
+    return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
 
 
 def pattern_matches(pattern: str, name: str) -> bool:
@@ -202,6 +208,7 @@ class Method:
         """Reject bad method options before any model loads (subclasses extend)."""
         if not isinstance(cfg.rank, int) or isinstance(cfg.rank, bool) or cfg.rank < 1:
             raise UserError(f"fnmodel.rank={cfg.rank!r} must be a positive integer for {cls.name}")
+        check_choices(cfg, train_biases=BIAS_CHOICES)
 
     def target_patterns(self, family: str) -> list[str]:
         if self.cfg.targets is not None:
@@ -236,6 +243,7 @@ class Method:
         for name in targets:
             set_submodule(model, name, self.make_layer(name, model.get_submodule(name)))
         self.set_head_trainable(model)
+        self.set_protocol_trainable(model)
         attach(model, self)
         return model
 
@@ -243,6 +251,23 @@ class Method:
         for name, param in model.named_parameters():
             if is_head(name):
                 param.requires_grad_(self.cfg.train_head)
+
+    def set_protocol_trainable(self, model: nn.Module) -> None:
+        """Unfreeze what an original protocol trains beyond the method itself: the adapted
+        layers' biases (train_biases=targets), every bias outside the head (all), norms."""
+        for name, module in model.named_modules():
+            if is_head(name):
+                continue
+            if self.cfg.train_norms and is_norm(module):
+                module.requires_grad_(True)
+            if self.cfg.train_biases == "targets" and isinstance(module, AdapterLayer):
+                bias = getattr(module.base_layer, "bias", None)
+                if bias is not None:
+                    bias.requires_grad_(True)
+        if self.cfg.train_biases == "all":
+            for name, param in model.named_parameters():
+                if name.rsplit(".", 1)[-1] == "bias" and not is_head(name):
+                    param.requires_grad_(True)
 
     def adapter_layers(self, model: nn.Module) -> list[tuple[str, AdapterLayer]]:
         return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]

@@ -31,7 +31,7 @@ from torch import nn
 
 from rosa_bench.config import MethodConfig
 from rosa_bench.errors import UserError
-from rosa_bench.methods.base import AdapterLayer, Method, layer_shape
+from rosa_bench.methods.base import AdapterLayer, Method, check_choices, layer_shape
 
 COLLAB_MODES = ("alone", "col")
 NONLINEAR = ("fnmodel.adapter={} has a nonlinear (mlp) adapter: it has no weight delta to merge into the "
@@ -44,7 +44,11 @@ class ColaConfig(MethodConfig):
     alpha: float = 1.0  # h = f(x) + alpha * g(x)
     train_head: bool = False  # the backbone, head included, stays frozen
     adapter: str = "lowrank"  # lowrank | linear | mlp, or a mix like lowrank~linear (users in turn)
-    hidden: int = 128  # mlp hidden size
+    hidden: int = 128  # mlp: width of the first hidden layer
+    mlp_layers: int = 1  # mlp: hidden layers (the original code: 2)
+    mlp_growth: float = 2.0  # mlp: each further hidden layer is this times wider (original: 128, 256)
+    mlp_activation: str = "gelu"  # gelu | relu (the original code)
+    assign: str = "interleave"  # mixed kinds to users: interleave (0: a, 1: b, 2: a ...) | blocks (a a b b)
     interval: int = 1  # optimizer steps of captured pairs per adapter step
     users: int = 1  # adapter sets; >1 needs a dataset that names a user per example (dolly)
     collab: str = "alone"  # alone: each example uses its user's adapter; col: the users' mean
@@ -94,20 +98,37 @@ class FullLinear(Adapter):
         return self.weight
 
 
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
+ASSIGN_ORDERS = ("interleave", "blocks")
+
+
+def mlp_widths(cfg: ColaConfig) -> list[int]:
+    """Hidden widths: `hidden`, then each `mlp_growth` times the last (128, 256 for 2 layers)."""
+    widths = [cfg.hidden]
+    for _ in range(cfg.mlp_layers - 1):
+        widths.append(int(widths[-1] * cfg.mlp_growth))
+    return widths
+
+
 class Mlp(Adapter):
-    """g(x) = W2 gelu(W1 x + b1) + b2; the second layer starts at zero so g starts at zero."""
+    """g(x) = W_out act(... act(W1 x + b1) ...) + b_out; the output layer starts at zero so g
+    starts at zero."""
 
     kind = "mlp"
 
     def __init__(self, in_features: int, out_features: int, cfg: ColaConfig):
         super().__init__()
-        self.fc1 = nn.Linear(in_features, cfg.hidden)
-        self.fc2 = nn.Linear(cfg.hidden, out_features)
-        nn.init.zeros_(self.fc2.weight)
-        nn.init.zeros_(self.fc2.bias)
+        layers: list[nn.Module] = []
+        for width in mlp_widths(cfg):
+            layers += [nn.Linear(in_features, width), ACTIVATIONS[cfg.mlp_activation]()]
+            in_features = width
+        self.hidden = nn.Sequential(*layers)
+        self.out = nn.Linear(in_features, out_features)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.out(self.hidden(x))
 
 
 ADAPTERS: dict[str, type[Adapter]] = {a.kind: a for a in (LowRank, FullLinear, Mlp)}
@@ -234,6 +255,14 @@ class ColaLayer(AdapterLayer):
         return self.site.delta_weight().to(self.weight.device)
 
 
+def user_kinds(kinds: list[str], users: int, assign: str) -> list[str]:
+    """Each user's adapter kind: in turn (interleave) or in contiguous blocks, the original
+    code's order (8 users, lowrank~linear: users 0-3 lowrank, 4-7 linear)."""
+    if assign == "blocks":
+        return [kinds[k * len(kinds) // users] for k in range(users)]
+    return [kinds[k % len(kinds)] for k in range(users)]
+
+
 def _positive_int(key: str, value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise UserError(f"fnmodel.{key}={value!r} must be a positive integer for cola")
@@ -268,9 +297,14 @@ class ColA(Method):
         except RuntimeError:
             raise UserError(f"fnmodel.adapter_device={cfg.adapter_device!r} is not a device; "
                             "choose cpu, cuda or cuda:<index>") from None
-        if cfg.train_head or cfg.dropout:
-            raise UserError(f"fnmodel.train_head={cfg.train_head!r} / fnmodel.dropout={cfg.dropout!r}: "
-                            "cola keeps the whole backbone frozen and has no dropout; set false / 0")
+        if cfg.train_head or cfg.dropout or cfg.train_biases != "none" or cfg.train_norms:
+            raise UserError(f"fnmodel.train_head={cfg.train_head!r} / dropout={cfg.dropout!r} / train_biases="
+                            f"{cfg.train_biases!r} / train_norms={cfg.train_norms!r}: cola keeps the whole "
+                            "backbone frozen and has no dropout; set false / 0 / none / false")
+        check_choices(cfg, mlp_activation=tuple(ACTIVATIONS), assign=ASSIGN_ORDERS)
+        _positive_int("mlp_layers", cfg.mlp_layers)
+        if cfg.mlp_growth <= 0:
+            raise UserError(f"fnmodel.mlp_growth={cfg.mlp_growth!r} must be > 0")
 
     @property
     def mergeable(self) -> bool:  # type: ignore[override]
@@ -290,7 +324,7 @@ class ColA(Method):
 
     def make_layer(self, name: str, module: nn.Module) -> ColaLayer:
         out_features, in_features = layer_shape(module)
-        kinds = [self.kinds[k % len(self.kinds)] for k in range(self.cfg.users)]  # users in turn
+        kinds = user_kinds(self.kinds, self.cfg.users, self.cfg.assign)
         adapters = nn.ModuleList(ADAPTERS[kind](in_features, out_features, self.cfg) for kind in kinds)
         adapters.to(self.routing.device)
         site = Site(adapters, self.routing)

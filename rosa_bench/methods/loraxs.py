@@ -22,6 +22,7 @@ from rosa_bench.methods.base import ALL_PROJECTIONS, AdapterLayer, Method, check
 
 INITS = ("svd", "random")
 SVD_KINDS = ("exact", "randomized")
+RANDOM_FANS = ("own", "transposed")
 
 
 @dataclass
@@ -31,6 +32,7 @@ class LoraXSConfig(MethodConfig):
     r_init_std: float = 1e-5  # R ~ N(0, std^2); 0 makes the step-0 function exact
     svd: str = "exact"  # exact | randomized (faster on large matrices)
     svd_niter: int = 4  # power iterations of the randomized SVD
+    random_fan: str = "own"  # init=random: Kaiming bounds from each factor's own fan-in | transposed
 
 
 def frozen_factors(weight: torch.Tensor, rank: int, cfg: LoraXSConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,8 +43,10 @@ def frozen_factors(weight: torch.Tensor, rank: int, cfg: LoraXSConfig) -> tuple[
     else:
         b = torch.empty(weight.shape[0], rank, device=weight.device)
         a = torch.empty(rank, weight.shape[1], device=weight.device)
-        nn.init.kaiming_uniform_(b, a=math.sqrt(5))
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        # `transposed`: the original code initialises B^T (r, out) and A^T (in, r), so the bounds
+        # come from fan-ins out and r instead of r and in.
+        for factor in (b, a):
+            nn.init.kaiming_uniform_(factor.T if cfg.random_fan == "transposed" else factor, a=math.sqrt(5))
     return b.to(weight.dtype).contiguous(), a.to(weight.dtype).contiguous()
 
 
@@ -82,7 +86,7 @@ class LoraXS(Method):
     @classmethod
     def check_config(cls, cfg: LoraXSConfig) -> None:
         super().check_config(cfg)
-        check_choices(cfg, init=INITS, svd=SVD_KINDS)
+        check_choices(cfg, init=INITS, svd=SVD_KINDS, random_fan=RANDOM_FANS)
         if cfg.r_init_std < 0:
             raise UserError(f"fnmodel.r_init_std={cfg.r_init_std!r} must be >= 0")
         if cfg.svd_niter < 0:

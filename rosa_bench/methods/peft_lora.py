@@ -8,11 +8,19 @@ from __future__ import annotations
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from rosa_bench.errors import UserError
 from rosa_bench.methods.base import HEAD_NAMES, METHOD_ATTR, Method, attach, find_targets, model_family
 
 
 class PeftLoRA(Method):
     name = "peft_lora"
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        super().check_config(cfg)
+        if cfg.train_biases != "none" or cfg.train_norms:
+            raise UserError("fnmodel.train_biases / fnmodel.train_norms are protocol options of our own "
+                            "methods; peft_lora is the plain reference: use fnmodel=lora")
 
     def apply(self, model: nn.Module, family: str | None = None) -> nn.Module:
         from peft import LoraConfig, get_peft_model

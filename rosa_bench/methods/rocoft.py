@@ -5,7 +5,7 @@ Efficient by construction: the base weight itself holds W0 + R (only its k chose
 rewritten, at each forward), so a forward is the frozen layer's own product and nothing is
 added to its output; backward gives dx as for a frozen layer plus one thin product for R's
 gradient. No (out, in) weight is rebuilt and no (out, in) gradient formed; merge() simply
-hands back the base layer. Biases stay frozen unless fnmodel.train_bias, so counts are
+hands back the base layer. Biases stay frozen unless fnmodel.train_biases, so counts are
 k * in (rows) or k * out (columns) per layer, as the paper counts them.
 
 Which rows/columns (fnmodel.select): `first`, `random`, or `prune`: a Wanda-style score, the
@@ -31,7 +31,16 @@ from torch.utils.data import DataLoader
 
 from rosa_bench.config import MethodConfig
 from rosa_bench.errors import UserError
-from rosa_bench.methods.base import ALL_PROJECTIONS, AdapterLayer, Method, check_choices, layer_shape
+from rosa_bench.methods.base import (
+    ALL_PROJECTIONS,
+    AdapterLayer,
+    Method,
+    check_choices,
+    is_adaptable,
+    is_head,
+    layer_shape,
+    set_submodule,
+)
 
 if TYPE_CHECKING:
     from rosa_bench.train.loop import Trainer
@@ -48,7 +57,9 @@ class RoCoFTConfig(MethodConfig):
     select: str = "first"  # first | random | prune
     select_largest: bool = True  # prune: keep the k highest scores (false: the k lowest)
     calib_batches: int = 8  # prune: training batches run through the model to score
-    train_bias: bool = False  # also train the target layers' biases (off: the paper's counts)
+    # Original-code protocol options (Kowsher/RoCoFT); biases: the shared train_biases=targets.
+    prune_keep_first: bool = False  # prune: index 0 is always kept (replacing the last chosen one)
+    adapt_head: bool = False  # the head's Linear layers and lm_head (untied) become RoCoFT layers too
 
 
 class _SliceTrainedLinear(torch.autograd.Function):
@@ -160,6 +171,9 @@ class RoCoFT(Method):
             raise UserError(f"fnmodel.calib_batches={cfg.calib_batches!r} must be > 0")
         if cfg.dropout:
             raise UserError(f"fnmodel.dropout={cfg.dropout!r}: rocoft has no dropout; set it to 0")
+        if cfg.adapt_head and cfg.train_head:
+            raise UserError("fnmodel.adapt_head=true trains k rows/columns of the head: set "
+                            "fnmodel.train_head=false (the whole head would train otherwise)")
 
     def _size(self, module: nn.Module) -> int:
         """How many rows (columns) the layer has to choose from."""
@@ -173,13 +187,35 @@ class RoCoFT(Method):
                             f"({self.cfg.mode} mode: at most {size} {self.cfg.mode}s)")
 
     def make_layer(self, name: str, module: nn.Module) -> RoCoFTLayer:
-        size, k = self._size(module), self.rank_for(module)
+        size = self._size(module)
+        k = min(self.rank_for(module), size)  # only a head can be smaller than k (checked elsewhere)
         index = torch.randperm(size)[:k].sort().values if self.cfg.select == "random" else torch.arange(k)
         layer = RoCoFTLayer(module, self.cfg.mode, index)
         layer.needs_calibration = self.cfg.select == "prune"
-        if self.cfg.train_bias and getattr(module, "bias", None) is not None:
-            module.bias.requires_grad_(True)
         return layer
+
+    def apply(self, model: nn.Module, family: str | None = None) -> nn.Module:
+        model = super().apply(model, family)
+        if self.cfg.adapt_head:
+            self._adapt_head(model)
+        return model
+
+    def _adapt_head(self, model: nn.Module) -> None:
+        """The original replaces every nn.Linear, the classifier's and lm_head included, so only
+        k rows/columns of the head train (the rest stays at its init). A tied lm_head gets its
+        own copy of the embedding first, as the original's cloned weights do."""
+        out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        in_emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        if out_emb is not None and in_emb is not None and out_emb.weight is in_emb.weight:
+            out_emb.weight = nn.Parameter(out_emb.weight.detach().clone(), requires_grad=False)
+        names = [n for n, m in model.named_modules()
+                 if is_adaptable(m) and (is_head(n) or (out_emb is not None and m is out_emb))]
+        for name in names:
+            layer = self.make_layer(name, model.get_submodule(name))
+            bias = layer.base_layer.bias
+            if self.cfg.train_biases != "none" and bias is not None:
+                bias.requires_grad_(True)
+            set_submodule(model, name, layer)
 
     # ---- prune selection ----------------------------------------------------------------------
     @torch.no_grad()
@@ -222,17 +258,21 @@ class RoCoFT(Method):
         for layer in layers:
             scores = prune_scores(layer.weight, sums[layer], self.cfg.mode)
             chosen = scores.topk(len(layer.rocoft_index), largest=self.cfg.select_largest).indices
+            if self.cfg.prune_keep_first and not (chosen == 0).any():
+                chosen[-1] = 0  # the original's column_prune: index 0 replaces the weakest choice
             layer.select(chosen.sort().values)
 
     def on_train_start(self, trainer: Trainer) -> None:
         """select=prune: score on the first `calib_batches` shuffled training batches (seeded).
-        A resumed run (step > 0) keeps the indices its checkpoint restored."""
+        A resumed or initialised run keeps the indices its checkpoint restored."""
         if self.cfg.select != "prune" or trainer.global_step > 0:
             return
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        if not any(layer.needs_calibration for _, layer in self.adapter_layers(model)):
+            return  # indices restored by train.init_from
         loader = DataLoader(trainer.task.splits["train"], batch_size=trainer.run.train.batch_size,
                             shuffle=True, collate_fn=trainer.task.collate,
                             generator=torch.Generator().manual_seed(trainer.run.seed))
-        model = trainer.accelerator.unwrap_model(trainer.model)
         self.calibrate(model, itertools.islice(loader, self.cfg.calib_batches))
         trainer.reset_optimizer_state([layer.rocoft_delta for _, layer in self.adapter_layers(model)])
 

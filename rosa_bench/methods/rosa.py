@@ -20,7 +20,7 @@ from torch import nn
 
 from rosa_bench.config import MethodConfig
 from rosa_bench.errors import UserError
-from rosa_bench.methods.base import AdapterLayer, Method, check_choices, layer_shape
+from rosa_bench.methods.base import BIAS_CHOICES, AdapterLayer, Method, check_choices, layer_shape
 
 if TYPE_CHECKING:
     from rosa_bench.train.loop import Trainer
@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 SAMPLE_METHODS = ("random", "top", "bottom")
 FACTORIZE_METHODS = ("equal", "add", "random")
 FACTORIZE_LEVELS = ("epoch", "step")
+RESET_SCOPES = ("resampled", "all")
+SINGULAR_SPLITS = ("sqrt", "input")
 
 
 @dataclass
@@ -37,17 +39,24 @@ class RosaConfig(MethodConfig):
     factorize_method: str = "equal"  # equal: orthogonal split; add: W kept, delta; random: LoRA init
     factorize_freq: int = 1  # resample every this many epochs/steps; 0: never
     factorize_level: str = "epoch"  # epoch | step
+    # Original-code protocol options (mid-2023 factorizednet):
+    reset_optimizer: str = "resampled"  # at a resample forget the moments of: resampled | all parameters
+    random_start_last: bool = True  # the random block may start at full - rank (false: it never does)
+    singular_values: str = "sqrt"  # sqrt: sqrt(s) on each factor | input: all of s on A (input side)
 
 
-def pick_directions(how: str, rank: int, full: int, generator: torch.Generator) -> torch.Tensor:
+def pick_directions(how: str, rank: int, full: int, generator: torch.Generator,
+                    last_start: bool = True) -> torch.Tensor:
     """Indices of the `rank` singular directions that train: a contiguous block at a random
-    start (as in the paper's code), the largest, or the smallest."""
+    start (as in the paper's code), the largest, or the smallest. Without `last_start` the
+    block never starts at full - rank (the original's exclusive randint bound)."""
     if how == "top":
         start = 0
     elif how == "bottom":
         start = full - rank
     else:
-        start = int(torch.randint(0, full - rank + 1, (), generator=generator))
+        high = full - rank + 1 if last_start or full == rank else full - rank
+        start = int(torch.randint(0, high, (), generator=generator))
     return torch.arange(start, start + rank)
 
 
@@ -70,11 +79,11 @@ class RosaLayer(AdapterLayer):
         return self.rosa_B @ self.rosa_A
 
     @torch.no_grad()
-    def factorize(self, how: str, sample: str, generator: torch.Generator) -> None:
+    def factorize(self, cfg: RosaConfig, generator: torch.Generator) -> None:
         """Merge B A into W, then split again along a freshly chosen subspace. The parameter
         tensors are edited in place so the optimizer keeps pointing at them."""
         self.add_to_weight(self.delta_weight())
-        if how == "random":  # LoRA's init (Kaiming-uniform A, zero B), drawn from our generator
+        if cfg.factorize_method == "random":  # LoRA's init (Kaiming-uniform A, zero B), our generator
             a = torch.empty(self.rank, self.in_features)
             nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
             self.rosa_A.copy_(a)
@@ -83,11 +92,15 @@ class RosaLayer(AdapterLayer):
         # Reduced SVD (LAPACK gesdd on CPU): exact, and the cheapest way to get every singular
         # direction, which the random block needs.
         u, s, vh = torch.linalg.svd(self.weight.float(), full_matrices=False)
-        idx = pick_directions(sample, self.rank, s.numel(), generator).to(s.device)
-        root = s[idx].sqrt()
-        a, b = root[:, None] * vh[idx], u[:, idx] * root
+        idx = pick_directions(cfg.sample_method, self.rank, s.numel(), generator, cfg.random_start_last)
+        idx = idx.to(s.device)
+        if cfg.singular_values == "input":
+            a, b = s[idx, None] * vh[idx], u[:, idx]
+        else:
+            root = s[idx].sqrt()
+            a, b = root[:, None] * vh[idx], u[:, idx] * root
         self.rosa_A.copy_(a)
-        if how == "equal":
+        if cfg.factorize_method == "equal":
             self.rosa_B.copy_(b)
             self.add_to_weight(-(b @ a))
         else:  # add: W stays whole; B = 0 so the chosen directions start with no effect
@@ -117,7 +130,8 @@ class ROSA(Method):
             raise UserError(f"fnmodel.rank={rank!r} must be a positive integer or a float in (0, 1) "
                             "(a fraction of each layer's full rank) for rosa")
         check_choices(cfg, sample_method=SAMPLE_METHODS, factorize_method=FACTORIZE_METHODS,
-                      factorize_level=FACTORIZE_LEVELS)
+                      factorize_level=FACTORIZE_LEVELS, reset_optimizer=RESET_SCOPES,
+                      singular_values=SINGULAR_SPLITS, train_biases=BIAS_CHOICES)
         freq = cfg.factorize_freq
         if not isinstance(freq, int) or isinstance(freq, bool) or freq < 0:
             raise UserError(f"fnmodel.factorize_freq={freq!r} must be an integer >= 0 (0: never resample)")
@@ -144,7 +158,7 @@ class ROSA(Method):
         generator = torch.Generator().manual_seed(self.seed + count)
         params: list[nn.Parameter] = []
         for _, layer in self.adapter_layers(model):
-            layer.factorize(self.cfg.factorize_method, self.cfg.sample_method, generator)
+            layer.factorize(self.cfg, generator)
             params += [layer.rosa_A, layer.rosa_B]
         return params
 
@@ -158,7 +172,10 @@ class ROSA(Method):
     # ---- trainer hooks --------------------------------------------------------------------------
     def _resample_during_training(self, trainer: Trainer, count: int) -> None:
         start = time.perf_counter()
-        params = self.resample(trainer.accelerator.unwrap_model(trainer.model), count)
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        params = self.resample(model, count)
+        if self.cfg.reset_optimizer == "all":  # the original rebuilt its optimizer at each resample
+            params = self.optimizer_parameters(model)
         trainer.reset_optimizer_state(params)  # the LR schedule is left as it is
         trainer.logger.scalar("train/factorize_seconds", time.perf_counter() - start, trainer.global_step)
 

@@ -30,29 +30,41 @@ def _matthews(predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 
 
 def _correlation(fn: Callable, predictions: np.ndarray, labels: np.ndarray) -> float:
-    """Undefined (constant predictions, early in training) counts as 0, like sklearn's
-    Matthews: a NaN would never compare as better and would freeze best-checkpoint selection."""
+    """Undefined for constant predictions (early in training): counts as 0, like sklearn's
+    Matthews for a constant classifier."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         value = float(fn(predictions, labels)[0])
     return 0.0 if math.isnan(value) else value
 
 
-def _correlations(predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    pearson = _correlation(pearsonr, predictions.astype(float), labels.astype(float))
-    spearman = _correlation(spearmanr, predictions.astype(float), labels.astype(float))
+def _correlations(predictions: np.ndarray, labels: np.ndarray, split: str | None = None) -> dict[str, float]:
+    """Pearson and Spearman; NaN (with a warning) when a prediction is not finite, which means a
+    diverged model, not a score of 0 (the trainer ranks NaN below every score)."""
+    predictions, labels = predictions.astype(float), labels.astype(float)
+    bad = int((~np.isfinite(predictions)).sum())
+    if bad:
+        where = f" on split {split!r}" if split else ""
+        warnings.warn(f"STS-B{where}: {bad} of {predictions.size} predictions are NaN or infinite "
+                      "(diverged model?); pearson, spearmanr and combined are reported as NaN", stacklevel=3)
+        return dict.fromkeys(("pearson", "spearmanr", "combined"), math.nan)
+    pearson = _correlation(pearsonr, predictions, labels)
+    spearman = _correlation(spearmanr, predictions, labels)
     return {"pearson": pearson, "spearmanr": spearman, "combined": (pearson + spearman) / 2}
 
 
-SCORERS: dict[str, Callable[[np.ndarray, np.ndarray], dict[str, float]]] = {
+SCORERS: dict[str, Callable[..., dict[str, float]]] = {
     "cola": _matthews, "sst2": _accuracy, "mrpc": _accuracy_f1, "qqp": _accuracy_f1,
     "stsb": _correlations, "mnli": _accuracy, "qnli": _accuracy, "rte": _accuracy, "wnli": _accuracy,
 }
 
 
-def glue_metrics(task: str, predictions: Any, labels: Any) -> dict[str, float]:
+def glue_metrics(task: str, predictions: Any, labels: Any, split: str | None = None) -> dict[str, float]:
     """Scores for `task`: predictions are class ids (argmax done by the caller) or, for STS-B,
-    predicted similarity scores."""
+    predicted similarity scores. `split` names the data in warnings."""
     if task not in SCORERS:
         raise choices_error("glue task", task, list(SCORERS))
-    return SCORERS[task](np.asarray(predictions).reshape(-1), np.asarray(labels).reshape(-1))
+    predictions, labels = np.asarray(predictions).reshape(-1), np.asarray(labels).reshape(-1)
+    if task == "stsb":
+        return _correlations(predictions, labels, split)
+    return SCORERS[task](predictions, labels)

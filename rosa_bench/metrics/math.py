@@ -1,10 +1,13 @@
-"""Answer extraction and accuracy for math word problems, following the MetaMath protocol.
+"""Answer extraction and accuracy for GSM8K and MATH, with the prompt and answer marker of MetaMath.
 
-GSM8K: the answer is the first number after the last "The answer is: " in the generation
-(commas, currency signs and units dropped), compared as an exact rational number with the
-gold answer after "#### ". MATH: the last \\boxed{...} in the generation (or after the
-answer marker when there is no box), compared with the gold \\boxed{} after the string
-normalisation of Hendrycks et al. (spaces, \\left/\\right, units, \\dfrac, 0.5 vs .5, a/b).
+GSM8K: the first number after the last "The answer is: " in the generation, with commas and `$`
+removed, compared as an exact rational number with the gold answer after "#### ". MetaMath's
+eval_gsm8k.py differs on purpose: it reads the number with the regex `[-+]?\\d*[.,/]?\\d+`
+(one separator at most, so '1,234,567' reads as 1234 and '-$5' as 5, since the sign is not next
+to the digit) and rounds it to an integer before comparing ('18.5' counts for 18, '3/4' for 1).
+Ours reads 1234567 and -5 and counts 18.5 and 3/4 wrong; where both read a number the same way and
+it is an integer, the verdicts agree.
+MATH: see rosa_bench/metrics/math_answers.py (Hendrycks et al.'s normaliser, with fixes).
 The rule used is returned with the scores, so results say how they were counted.
 """
 
@@ -15,13 +18,14 @@ from collections.abc import Sequence
 from fractions import Fraction
 
 from rosa_bench.errors import UserError
+from rosa_bench.metrics.math_answers import ANSWER_MARKER, last_boxed, math_prediction, normalize_math
 
-ANSWER_MARKER = "The answer is: "
 GSM8K_GOLD_MARKER = "#### "
 GSM8K_RULE = (f"first number after the last {ANSWER_MARKER!r} (commas, $ and units removed), "
               f"exact rational comparison with the gold answer after {GSM8K_GOLD_MARKER!r}")
-MATH_RULE = (f"last \\boxed{{}} (else the text after the last {ANSWER_MARKER!r}), Hendrycks "
-             "string normalisation, exact match with the gold \\boxed{}")
+MATH_RULE = (f"after the last {ANSWER_MARKER!r} its \\boxed{{}} or else its first sentence (no marker: "
+             "the last \\boxed{}), Hendrycks string normalisation with rosa-bench's fixes, exact match "
+             "with the normalised gold \\boxed{}")
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 
 
@@ -51,63 +55,6 @@ def gsm8k_gold(solution: str) -> Fraction:
     if value is None:
         raise UserError(f"GSM8K answer after {GSM8K_GOLD_MARKER!r} is not a number: {solution!r:.200}")
     return value
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} (braces balanced) or `\\boxed x`; None if absent."""
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
-        return None
-    rest = text[start:].split("{", 1)
-    if text[start:].startswith("\\boxed ") and not text[start:].startswith("\\boxed {"):
-        return text[start + len("\\boxed "):].split("$")[0].strip()
-    if len(rest) < 2:
-        return None
-    depth, out = 1, []
-    for char in rest[1]:
-        depth += {"{": 1, "}": -1}.get(char, 0)
-        if depth == 0:
-            return "".join(out)
-        out.append(char)
-    return None
-
-
-def _fix_fracs(text: str) -> str:
-    """\\frac12 -> \\frac{1}{2}, \\frac1{2} -> \\frac{1}{2}."""
-    text = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", text)
-    text = re.sub(r"\\frac(\d)\{", r"\\frac{\1}{", text)
-    return re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", text)
-
-
-def normalize_math(answer: str) -> str:
-    """Hendrycks-style canonical string for comparing MATH answers."""
-    text = answer.replace("\n", "").replace("\\!", "").replace("\\\\", "\\")
-    text = text.replace("tfrac", "frac").replace("dfrac", "frac")
-    text = text.replace("\\left", "").replace("\\right", "")
-    text = text.replace("^{\\circ}", "").replace("^\\circ", "").replace("\\$", "").replace("$", "")
-    text = re.sub(r"\\text\{\s*[a-zA-Z ]*\}$", "", text.strip()).strip()  # trailing units
-    text = re.sub(r"\\(?:text|mbox)\{([^{}]*)\}", r"\1", text)
-    text = text.replace("\\%", "").replace("%", "")
-    text = re.sub(r"(^|[^\d])\.(\d)", r"\g<1>0.\2", text)  # .5 -> 0.5
-    if re.fullmatch(r"[a-zA-Z]\s*=.*", text) and len(text.split("=")[0].strip()) <= 2:
-        text = text.split("=", 1)[1]  # "x = 5" -> "5"
-    text = re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", text)
-    text = text.replace(" ", "")
-    text = _fix_fracs(text)
-    if re.fullmatch(r"-?\d+/\d+", text):
-        num, den = text.split("/")
-        text = f"\\frac{{{num}}}{{{den}}}"
-    text = text.rstrip(".")
-    if re.fullmatch(r"-?\d+\.0+", text):
-        text = text.split(".")[0]
-    return text
-
-
-def math_prediction(generation: str) -> str | None:
-    boxed = last_boxed(generation)
-    if boxed is None and ANSWER_MARKER in generation:
-        boxed = generation.rsplit(ANSWER_MARKER, 1)[1].strip()
-    return None if boxed is None else normalize_math(boxed)
 
 
 def _check(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> None:

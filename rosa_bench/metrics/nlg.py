@@ -2,9 +2,22 @@
 open-ended answers (ELI5, Dolly).
 
 Every scorer takes one prediction per input and the list of all references of that input.
-E2E (as tuetschek/e2e-metrics computes it): BLEU and NIST are mteval-v13a style, case
-insensitive, clipped against all references at once; METEOR 1.5 (with paraphrases), ROUGE-L
-and CIDEr-D come from pycocoevalcap on PTB-tokenized text, as the COCO caption evaluation does.
+E2E: BLEU and NIST reproduce the official tuetschek/e2e-metrics script in its Python mode
+(`measure_scores.py -p`, metrics/pymteval.py), which is what the LoRA paper's numbers come from,
+not its default Perl mode (mteval-v13a-sig.pl). The two modes differ: Perl's NIST length penalty
+divides all reference words by the mean number of references per input where -p sums each input's
+mean reference length; Perl lowercases ASCII letters only where -p lowercases every letter; Perl
+smooths a zero n-gram precision to 1/2^k of the n-gram count where -p floors the hits at 1e-15.
+Both: mteval-v13a tokenization, case-insensitive, n-grams clipped against all references at once.
+Our deliberate departures from -p, on degenerate outputs only (the values equal -p's wherever it
+gives one and every prediction has at least 3 tokens for BLEU, 4 for NIST): n-gram totals count
+max(len - n + 1, 0) per prediction, where -p adds len - n + 1 even when negative (a 1-token
+prediction then lowers the corpus's 4-gram total, which can push BLEU above 100) and counts an
+empty prediction as one empty token; and a NIST order with no n-grams at all scores 0, where -p
+divides by zero. As in -p, an order with no matching n-gram (or no n-grams) keeps BLEU positive
+(1e-15 hits over at least 1e-9 n-grams), so BLEU is 0 only for empty output.
+METEOR 1.5 (with paraphrases), ROUGE-L and CIDEr-D come from pycocoevalcap on PTB-tokenized text,
+as the COCO caption evaluation (and both modes of the script) does.
 Scales follow the papers' tables: BLEU, METEOR, ROUGE-L in 0..100; NIST and CIDEr as is.
 """
 
@@ -14,13 +27,14 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 
-import sacrebleu
 from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 
 from rosa_bench.errors import UserError
 
+BLEU_ORDER = 4
 NIST_ORDER = 5
 NIST_BETA = -math.log(0.5) / math.log(1.5) ** 2  # length penalty 0.5 at 2/3 of the reference length
+MIN_HITS, MIN_TOTAL = 1e-15, 1e-9  # -p's floors that keep log(precision) defined
 
 
 def check_inputs(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> None:
@@ -39,28 +53,53 @@ def check_inputs(predictions: Sequence[str], references: Sequence[Sequence[str]]
                         "and that the model was trained to continue it")
 
 
-def bleu(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
-    """Corpus BLEU-4, mteval-v13a tokenization, lowercased, closest reference length."""
-    width = max(len(group) for group in references)
-    streams = [[group[k] if k < len(group) else None for group in references] for k in range(width)]
-    return float(sacrebleu.corpus_bleu(list(predictions), streams, tokenize="13a", lowercase=True).score)
+def _tokens(text: str) -> list[str]:
+    """mteval-v13a tokens, lowercased with Python's (Unicode) lowercasing, as -p does."""
+    return Tokenizer13a()(text).lower().split()
 
 
 def _ngrams(tokens: list[str], n: int) -> Counter:
     return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
 
 
+def _clipped_hits(hyp: list[str], group: list[list[str]], n: int) -> Counter:
+    """The prediction's n-grams, each counted at most as often as in any one reference."""
+    most: Counter = Counter()
+    for ref in group:
+        most |= _ngrams(ref, n)
+    return _ngrams(hyp, n) & most
+
+
+def bleu(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """Corpus BLEU-4 (0..100) as -p computes it: closest reference length (the shorter on a tie),
+    brevity penalty exp(1 - r/c) when c <= r, zero precisions floored (see the module docstring)."""
+    hyps = [_tokens(p) for p in predictions]
+    refs = [[_tokens(r) for r in group] for group in references]
+    hits, totals, ref_len = [0] * BLEU_ORDER, [0] * BLEU_ORDER, 0
+    for hyp, group in zip(hyps, refs):
+        for n in range(1, BLEU_ORDER + 1):
+            hits[n - 1] += sum(_clipped_hits(hyp, group, n).values())
+            totals[n - 1] += max(len(hyp) - n + 1, 0)
+        ref_len += len(min(group, key=lambda ref: (abs(len(ref) - len(hyp)), len(ref))))
+    if totals[0] == 0:
+        return 0.0
+    penalty = 1.0 if totals[0] > ref_len else math.exp(1 - ref_len / totals[0])
+    log_precision = sum(math.log(max(h, MIN_HITS) / max(t, MIN_TOTAL)) for h, t in zip(hits, totals))
+    return 100.0 * penalty * math.exp(log_precision / BLEU_ORDER)
+
+
 def nist(predictions: Sequence[str], references: Sequence[Sequence[str]], order: int = NIST_ORDER) -> float:
-    """mteval's NIST (Doddington 2002), multi-reference.
+    """mteval's NIST (Doddington 2002), multi-reference, as -p computes it.
 
     Written here because NLTK's corpus_nist scores each sentence against its single best
-    reference and that reference's length, while mteval (and the E2E script) clips n-gram
-    hits against all references at once and penalises length against the average reference
-    length. Information weights come from n-gram counts over every reference in the corpus.
+    reference and that reference's length, while the E2E script clips n-gram hits against all
+    references at once. Information weights come from n-gram counts over every reference in the
+    corpus; the length penalty compares the prediction words with the sum over inputs of each
+    input's mean reference length (-p; Perl mode divides all reference words by the mean number
+    of references per input, which differs when inputs have different numbers of references).
     """
-    tokenize = Tokenizer13a()
-    hyps = [tokenize(p).lower().split() for p in predictions]
-    refs = [[tokenize(r).lower().split() for r in group] for group in references]
+    hyps = [_tokens(p) for p in predictions]
+    refs = [[_tokens(r) for r in group] for group in references]
     counts: Counter = Counter()
     for group in refs:
         for ref in group:
@@ -75,10 +114,7 @@ def nist(predictions: Sequence[str], references: Sequence[Sequence[str]], order:
     for n in range(1, order + 1):
         gained, total = 0.0, 0
         for hyp, group in zip(hyps, refs):
-            clip: Counter = Counter()
-            for ref in group:
-                clip |= _ngrams(ref, n)
-            gained += sum(info(g) * c for g, c in (_ngrams(hyp, n) & clip).items())
+            gained += sum(info(g) * c for g, c in _clipped_hits(hyp, group, n).items())
             total += max(len(hyp) - n + 1, 0)
         score += gained / total if total else 0.0
     ratio = sum(len(h) for h in hyps) / sum(sum(len(r) for r in g) / len(g) for g in refs)

@@ -25,7 +25,7 @@ from transformers import get_scheduler
 from rosa_bench import runs
 from rosa_bench.config import RunConfig
 from rosa_bench.data.task import Task
-from rosa_bench.methods.base import Method, trainable_parameter_count
+from rosa_bench.methods.base import Method, is_head, trainable_parameter_count
 from rosa_bench.train import checkpoint as ckpt
 from rosa_bench.train.evaluation import evaluate_split, generate_samples
 from rosa_bench.train.logger import RunLogger, peak_memory_mb
@@ -53,12 +53,19 @@ class Trainer:
 
     # ---- setup -----------------------------------------------------------------------------
     def _param_groups(self) -> list[dict[str, Any]]:
-        """Weight decay on matrices only (not biases or norms), the usual AdamW practice."""
+        """Weight decay on matrices only (not biases or norms), the usual AdamW practice; the
+        task head at its own learning rate when `train.head_lr` is set."""
         params = self.method.optimizer_parameters(self.model)
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        return [{"params": decay, "weight_decay": self.run.train.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0}]
+        t = self.run.train
+        head = {id(p) for n, p in self.model.named_parameters() if is_head(n)} if t.head_lr else set()
+        groups = []
+        for i, (lr, part) in enumerate(((t.lr, [p for p in params if id(p) not in head]),
+                                        (t.head_lr, [p for p in params if id(p) in head]))):
+            if part or i == 0:  # the two body groups always exist (checkpoints count on them)
+                groups += [{"params": [p for p in part if p.ndim >= 2], "weight_decay": t.weight_decay,
+                            "lr": lr},
+                           {"params": [p for p in part if p.ndim < 2], "weight_decay": 0.0, "lr": lr}]
+        return groups
 
     def _loaders(self) -> tuple[DataLoader, dict[str, DataLoader]]:
         t = self.run.train
@@ -195,11 +202,19 @@ class Trainer:
                             self.global_step)
 
     def _track_best(self, scores: dict[str, float]) -> None:
-        value = scores[self.task.metric_name]
-        best = self.best.get("value")
-        better = best is None or (value > best if self.task.greater_is_better else value < best)
+        """NaN (a diverged model's score) ranks below every number; a later number replaces it."""
+        sign = 1.0 if self.task.greater_is_better else -1.0
+
+        def rank(value: float | None) -> float:
+            return -math.inf if value is None or math.isnan(value) else sign * value
+
+        name, value = self.task.metric_name, scores[self.task.metric_name]
+        if math.isnan(value):
+            self.accelerator.print(f"warning: {name} on split {self.task.validation_splits[0]!r} is NaN at "
+                                   f"step {self.global_step}; it ranks worst for the best checkpoint")
+        better = "value" not in self.best or rank(value) > rank(self.best["value"])
         if better:
-            self.best = {"metric": self.task.metric_name, "value": value, "step": self.global_step,
+            self.best = {"metric": name, "value": value, "step": self.global_step,
                          "epoch": self.epoch, "scores": scores}
             if self.accelerator.is_main_process:
                 ckpt.save_checkpoint(runs.checkpoint_dir(self.folder, "best"), self._model_state(),
