@@ -149,8 +149,8 @@ def test_the_training_time_cap_on_eval_rows_does_not_cut_the_scored_split(e2e_ru
     seen = {}
 
     def capture(model, parts, split, limit, *args):
-        seen.update(prompts=len(parts.task.generation_sets[split].prompts), rows=len(parts.task.splits[split]),
-                    limit=limit)
+        seen.update(prompts=len(parts.task.generation_sets[split].prompts),
+                    rows=len(parts.task.splits[split]), limit=limit)
         return {}
 
     run = tmp_path / e2e_run.name
