@@ -257,13 +257,6 @@ def plan(preset: Preset, out: Path) -> list[Job]:
     return jobs
 
 
-def sweep_jobs(preset: Preset, out: Path, jobs: list[Job]) -> list[Job]:
-    """The rank sweep's runs: its own ranks plus the shared-rank runs of the main GLUE table."""
-    task = preset.glue_tasks[0]
-    return [j for j in jobs if j.method.key in preset.sweep_methods and j.task == task
-            and j.experiment in ("glue", "rank_sweep")]
-
-
 # ---- running ----------------------------------------------------------------------------------
 
 def train_in_process(overrides: list[str]) -> None:
@@ -570,7 +563,15 @@ def _e2e_section(preset: Preset, df) -> list[str]:
                      f"{r.best_valid:.4f} ({int(r.best_step)})",
                      *[f"{r.get(f'test/{s}', math.nan):.4g}" for s in E2E_SCORES],
                      f"{r.train_s:.0f}", f"{r.test_s:.0f}"])
-    return [md_table(header, rows), ""]
+    lines = [md_table(header, rows), ""]
+    done, claims = e2e[e2e.status == "done"], []
+    if "lora" in set(done.method) and "test/BLEU" in done:
+        bleu = {m: stats(done[done.method == m]["test/BLEU"]) for m in set(done.method)}
+        claims = [[text, verdict(bleu[key], bleu["lora"], kind)] for key, kind, text in CLAIMS if key in bleu]
+    if claims:
+        lines += ["Test BLEU against LoRA (Δ in BLEU points):", "",
+                  md_table(["claim", "reading"], claims), ""]
+    return lines
 
 
 def decoding(df, out: Path) -> str:
