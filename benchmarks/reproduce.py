@@ -496,8 +496,10 @@ def _glue_section(preset: Preset, df, lrs: dict) -> tuple[list[str], dict]:
     for key, kind, text in CLAIMS:
         if key not in numbers or "lora" not in numbers:
             continue
-        for t in preset.glue_tasks:
-            claim_rows.append([text, t, verdict(Stats(**numbers[key][t]), Stats(**numbers["lora"][t]), kind)])
+        readings = [[text, t, verdict(Stats(**numbers[key][t]), Stats(**numbers["lora"][t]), kind)]
+                    for t in preset.glue_tasks]
+        measured = [r for r in readings if r[2] != "not measured yet"]
+        claim_rows += measured or [[text, "–", "not measured yet"]]
     lines += [md_table(["claim", "task", "reading"], claim_rows), ""]
     params = done.groupby("method").trainable_params.first()
     timing = done.groupby("method").train_s.mean()
