@@ -434,7 +434,10 @@ def figures_for(root: Path, out: Path) -> list[Path]:
         return []
     if out.exists():
         shutil.rmtree(out)
-    return make_figures(root, out, Options(band="std")).written
+    written = make_figures(root, out, Options(band="std")).written
+    for path in [p for p in written if p.name == "runs.csv"]:  # holds this machine's data paths;
+        path.unlink()                                           # results/runs.csv has every run
+    return [p for p in written if p.exists()]
 
 
 def rank_sweep_figure(preset: Preset, out: Path, results: Path) -> Path | None:
