@@ -1,0 +1,158 @@
+"""benchmarks/reproduce.py on tiny models: the plan (grid first, later runs waiting for its
+learning rates), the choice of learning rate, resuming after an interruption without
+retraining finished runs, and the report (partial, then complete)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from benchmarks import reproduce
+from rosa_bench import runs
+
+PRESET = dataclasses.replace(reproduce.PRESETS["smoke"], glue_tasks=("rte",), e2e_methods=("lora", "rosa"))
+
+
+class Stop(BaseException):
+    """An interruption (like Ctrl-C or the end of a session), not a failed run."""
+
+
+def fake_scores(folder: Path, max_samples: int | None) -> None:
+    """Stands in for evaluate.py's E2E scoring (METEOR starts a JVM): the report logic only
+    needs an eval_test.json in evaluate.py's layout."""
+    runs.write_json(folder / "eval_test.json", {"split": "test", "max_samples": max_samples,
+                                                "scores": {name: 1.0 for name in reproduce.E2E_SCORES}})
+
+
+def run_id(overrides: list[str]) -> str:
+    """The run folder the overrides name: output.path / (task) / output.name."""
+    given = dict(o.split("=", 1) for o in overrides)
+    return f"{given['output.path']}/{given.get('dataset.task', '')}/{given['output.name']}"
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    """Runs the smoke plan with an interruption after 4 trainings, writes the partial report,
+    then resumes to the end and writes the final one. Returns what each stage saw."""
+    out = tmp_path_factory.mktemp("repro")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    trained: list[str] = []
+
+    def counting(overrides: list[str]) -> None:
+        if len(trained) == 4:
+            raise Stop
+        reproduce.train_in_process(overrides)
+        trained.append(run_id(overrides))
+
+    try:
+        before = reproduce.plan(PRESET, out / "runs")
+        before_status = [j.status() for j in before]
+        with pytest.raises(Stop):
+            reproduce.run_all(PRESET, out / "runs", log=lambda s: None,
+                              runner=reproduce.Runner(counting, fake_scores))
+        first = list(trained)
+        reproduce.write_report(PRESET, out / "runs", out / "results", out / "partial.md", "cmd")
+        partial_csv = pd.read_csv(out / "results" / "runs.csv")
+        trained.clear()
+
+        def recording(overrides: list[str]) -> None:
+            trained.append(overrides)
+            reproduce.train_in_process(overrides)
+
+        failed = reproduce.run_all(PRESET, out / "runs", log=lambda s: None,
+                                   runner=reproduce.Runner(recording, fake_scores))
+        reproduce.write_report(PRESET, out / "runs", out / "results", out / "results.md", "cmd")
+    finally:
+        torch.set_num_threads(threads)
+    return {"out": out, "before": before, "before_status": before_status, "first": first, "second": trained,
+            "failed": failed, "partial_csv": partial_csv}
+
+
+def test_the_plan_runs_the_grid_first_and_later_runs_wait_for_its_rates(tree):
+    before, status = tree["before"], tree["before_status"]
+    grid = [j for j in before if j.experiment == "lr_grid"]
+    assert before[:len(grid)] == grid
+    assert len(grid) == len(PRESET.glue_methods) * 2
+    assert status[:len(grid)] == ["to run"] * len(grid)
+    assert set(status[len(grid):]) == {"waiting for the learning-rate grid"}
+    assert all(j.lr is None for j in before[len(grid):])
+    experiments = [j.experiment for j in before]
+    assert experiments.index("e2e") > experiments.index("glue") and experiments.index("rank_sweep") > \
+        experiments.index("e2e")
+    seeds, methods = len(PRESET.seeds), len(PRESET.glue_methods)
+    assert len(before) == len(grid) + seeds * methods + len(PRESET.e2e_methods) + 2 * seeds  # sweep: rank 1
+
+
+def test_an_interruption_loses_nothing_and_the_resume_trains_only_what_is_missing(tree):
+    assert tree["failed"] == []
+    plan = reproduce.plan(PRESET, tree["out"] / "runs")
+    assert all(j.done() for j in plan)
+    assert len(tree["first"]) == 4 and len(tree["second"]) == len(plan) - 4
+    # the run interrupted fifth was never started, so nothing of it is trusted or skipped
+    assert not {run_id(overrides) for overrides in tree["second"]} & set(tree["first"])
+    trained = []
+    reproduce.run_all(PRESET, tree["out"] / "runs", log=lambda s: None,
+                      runner=reproduce.Runner(trained.append, fake_scores))
+    assert trained == []  # everything complete: a rerun trains nothing
+
+
+def test_each_method_keeps_the_grid_rate_with_the_best_validation_score(tree):
+    out = tree["out"] / "runs"
+    chosen = reproduce.chosen_lrs(PRESET, out)
+    for method in PRESET.glue_methods:
+        rank = PRESET.rank if method.low_rank else None
+        folder = out / "lr_grid" / "glue" / "rte"
+        grid = {lr: runs.read_metrics(folder / reproduce.run_name(method, rank, lr, 0))
+                for lr in PRESET.grid(method.key)}
+        best = max(grid, key=lambda lr: (grid[lr]["best"]["value"], -lr))
+        assert chosen[method.key] == best
+        for job in reproduce.plan(PRESET, out):
+            if job.method.key == method.key and job.experiment != "lr_grid":
+                assert runs.read_config(job.folder).train.lr == pytest.approx(best)
+
+
+def test_the_sweep_trains_every_rank_on_the_same_layers_and_budget(tree):
+    out = tree["out"] / "runs"
+    jobs = [j for j in reproduce.plan(PRESET, out) if j.method.key in PRESET.sweep_methods
+            and j.task == PRESET.glue_tasks[0] and j.experiment in ("glue", "rank_sweep")]
+    configs = [runs.read_config(j.folder) for j in jobs]
+    assert sorted({(c.fnmodel.name, c.fnmodel.rank) for c in configs}) == [
+        ("lora", 1), ("lora", 2), ("rosa", 1), ("rosa", 2)]
+    assert {str(c.fnmodel.targets) for c in configs} == {"['query', 'value']"}
+    assert {(c.train.max_steps, c.dataset.max_train_samples) for c in configs} == {(2, 8)}
+
+
+def test_the_partial_report_says_so_and_lists_what_is_left(tree):
+    text = (tree["out"] / "partial.md").read_text()
+    assert "PARTIAL: 4 of" in text and "## Still to run" in text and "Resume with `cmd`" in text
+    csv = tree["partial_csv"]
+    assert len(csv) == len(tree["before"]) and (csv.status == "done").sum() == 4
+    assert set(csv.status) <= {"done", "to run", "unfinished", "waiting for the learning-rate grid"}
+
+
+def test_the_final_report_has_every_table_figure_and_number(tree):
+    out, results = tree["out"], tree["out"] / "results"
+    text = (out / "results.md").read_text()
+    assert "Status: **complete**" in text and "Still to run" not in text
+    csv = pd.read_csv(results / "runs.csv")
+    assert (csv.status == "done").all() and len(csv) == len(tree["before"])
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["complete"] and summary["done"] == len(csv)
+    assert summary["chosen_lr"] == reproduce.chosen_lrs(PRESET, out / "runs")
+    # the GLUE table: one row per method with mean ± std over the two seeds of the run's best values
+    glue = csv[(csv.experiment == "glue") & (csv.method == "lora")]
+    mean, std = glue.best_valid.mean(), glue.best_valid.std()
+    assert f"{mean:.3f} ± {std:.3f} (n=2)" in text
+    for method in PRESET.glue_methods:
+        assert f"| {method.key} |" in text
+    assert (results / "rank_sweep" / "rank_sweep.png").is_file()
+    assert (results / "e2e" / "e2e_nlg" / "curve_valid_loss.png").is_file()
+    assert "![rank sweep](" in text and "![E2E validation loss](" in text
+    assert text.count("ROSA ≥ LoRA at equal rank") == 2  # GLUE (per task) and E2E
+    assert "Δ +0.000; one seed, no spread to judge it by" in text  # E2E: one seed each
