@@ -265,8 +265,9 @@ def submission_label(task: Task, prediction: Any) -> str:
     from rosa_bench.data.glue import TASKS
 
     labels = TASKS[task.name.split("/", 1)[1]].labels
-    if labels is None:
-        return f"{min(max(float(prediction), 0.0), 5.0):.3f}"  # STS-B scores lie in [0, 5]
+    if labels is None:  # STS-B scores lie in [0, 5]; a diverged model's NaN/inf stays visible as nan
+        value = float(prediction)
+        return f"{min(max(value, 0.0), 5.0):.3f}" if math.isfinite(value) else "nan"
     names = {index: text for text, index in labels.items()}
     return names[int(prediction)]
 

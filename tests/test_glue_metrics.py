@@ -110,3 +110,14 @@ def test_a_nan_score_is_written_as_strict_json_null(tmp_path):
 def test_unknown_task():
     with pytest.raises(UserError, match=r"unknown glue task 'sts'; choose one of: cola, mnli"):
         glue_metrics("sts", [1], [1])
+
+
+def test_stsb_submission_keeps_a_diverged_prediction_visible():
+    """Finite scores are clipped to STS-B's [0, 5]; NaN/inf are written as nan, not as 5.000."""
+    from types import SimpleNamespace
+
+    from rosa_bench.evaluate import submission_label
+
+    task = SimpleNamespace(name="glue/stsb")
+    labels = [submission_label(task, v) for v in (math.nan, math.inf, 6.0, -1.0, 2.5)]
+    assert labels == ["nan", "nan", "5.000", "0.000", "2.500"]
