@@ -11,6 +11,7 @@ and generation shards whole batches, and every process gets the gathered scores.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
@@ -54,6 +55,9 @@ def start(run: RunConfig) -> PartialState:
     _export_slurm_tasks()
     check_accelerate_launch(_parent_argv(), os.environ)
     state = PartialState(cpu=use_cpu())
+    if dist.is_initialized():
+        atexit.unregister(_leave_process_group)  # once, however many runs this process starts
+        atexit.register(_leave_process_group)
     check_world(state.num_processes, os.environ)
     if run.train.precision == "fp16" and state.device.type == "cpu":
         raise UserError("train.precision=fp16 needs a CUDA device; this process trains on cpu. "
@@ -65,6 +69,14 @@ def start(run: RunConfig) -> PartialState:
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     return state
+
+
+def _leave_process_group() -> None:
+    """Tear the process group down before the interpreter does: left to static destruction, its
+    background threads can abort a finished process ('terminate called without an active
+    exception'), which the launcher reports as a failed run."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def check_world(num_processes: int, env: Any) -> None:
