@@ -149,15 +149,14 @@ class Trainer:
                 loss = self.model(**batch).loss
                 items = distributed.loss_items(batch, self.task.is_causal)
                 acc.backward(distributed.global_mean(loss, items))
-                skip = acc.sync_gradients and self.guard.skip_step(
-                    loss, self.method.optimizer_parameters(self.model), self.global_step + 1)
+                # the parameter list walks the model: gather it once per optimizer step
+                params = self.method.optimizer_parameters(self.model) if acc.sync_gradients else []
+                skip = acc.sync_gradients and self.guard.skip_step(loss, params, self.global_step + 1)
                 if acc.sync_gradients and not skip:
                     self.method.before_optimizer_step()
-                    distributed.average_unsynced_gradients(self.method.optimizer_parameters(self.model),
-                                                           self.model)
+                    distributed.average_unsynced_gradients(params, self.model)
                 if acc.sync_gradients and run.train.max_grad_norm and not skip:
-                    acc.clip_grad_norm_(self.method.optimizer_parameters(self.model),
-                                        run.train.max_grad_norm)
+                    acc.clip_grad_norm_(params, run.train.max_grad_norm)
                 if not skip:
                     self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
