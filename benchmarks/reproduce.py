@@ -303,7 +303,7 @@ def run_job(job: Job, preset: Preset, keep_checkpoints: bool, runner: Runner = R
         start, load = time.perf_counter(), os.getloadavg()[0]
         runner.evaluate(job.folder, preset.e2e_test_samples)
         _add_wall(job.folder, "test_s", time.perf_counter() - start, (load, os.getloadavg()[0]))
-    if not keep_checkpoints and not job.evaluate_test:  # GLUE: every score is in metrics.json
+    if not keep_checkpoints:  # every score is in metrics.json and eval_test.json by now
         shutil.rmtree(job.folder / runs.CHECKPOINTS, ignore_errors=True)
 
 
@@ -679,13 +679,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="cpu", choices=sorted(PRESETS),
                    help="what to run (smoke: tiny models, seconds)")
-    p.add_argument("--runs", default="runs/reproduce", help="root of the run folders")
+    p.add_argument("--runs", default="benchmarks/results/reproduce/runs",
+                   help="root of the run folders (committed without checkpoints, so that a finished run "
+                        "survives a fresh clone and is never trained twice)")
     p.add_argument("--results", default="benchmarks/results/reproduce", help="CSV, JSON and figures")
     p.add_argument("--doc", default="docs/results.md", help="the Markdown report")
     p.add_argument("--plan", action="store_true", help="list the runs and their status; train nothing")
     p.add_argument("--report", action="store_true", help="only write the report from finished runs")
     p.add_argument("--keep-checkpoints", action="store_true",
-                   help="keep GLUE runs' checkpoints (by default removed once the run is scored)")
+                   help="keep runs' checkpoints (by default removed once the run is scored)")
     return p.parse_args(argv)
 
 
