@@ -306,8 +306,7 @@ class RoCoFT(Method):
             if x.shape[-1] != layer.in_features:
                 raise UserError(f"fnmodel.prune_inputs=chained: a layer with {layer.in_features} inputs "
                                 f"follows one with {x.shape[-1]} outputs, so the chain breaks; use "
-                                "prune_inputs=model "
-                                "or targets whose widths chain (BERT/RoBERTa)")
+                                "prune_inputs=model or targets whose widths chain (BERT/RoBERTa)")
             out = layer.base_layer(x)
             sums[layer] += feature_statistic(out if self.cfg.mode == "row" else x, self.cfg.prune_score)
             x = out
