@@ -164,6 +164,15 @@ def test_fused_slices_reject_layers_they_do_not_divide_and_empty_choices():
         composed(["fnmodel=lora", "fnmodel.fused_slices=[false,false]"])
 
 
+
+def test_fused_slices_refuse_the_peft_export_only(tmp_path):
+    from rosa_bench.export import export_run
+
+    run = composed(["model=tiny-gpt2", "fnmodel=lora", "fnmodel.fused_slices=[true,false,true]"])
+    runs.write_config(tmp_path, run, [])
+    with pytest.raises(UserError, match=r"fused_slices=\[True, False, True\] .* use --format merged"):
+        export_run(tmp_path, tmp_path / "out", fmt="peft")
+
 # ---- RoCoFT prune_score=signed_sum and prune_inputs=chained ------------------------------------------
 def test_signed_sum_score_lets_activations_cancel():
     # column L1 [4, 1, 2, 3]; the two tokens' signed sums [0, 10, -2, 1] -> scores [0, 10, -4, 3];
