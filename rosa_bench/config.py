@@ -63,6 +63,7 @@ class DatasetConfig:
     default_model: str = "smollm2-135m"
     prompt: str = "{mr}\n"  # causal tasks: how the input is shown to the model
     num_samples_to_log: int = 2  # generations logged as text at each evaluation
+    user_order: str = "sorted"  # datasets with users (dolly): how categories are numbered; see each dataset
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 
 
@@ -98,6 +99,7 @@ class TrainConfig:
     num_workers: int = 0
     head_lr: float | None = None  # the task head's own learning rate; None: train.lr
     init_from: str | None = None  # run folder whose trained weights this run starts from
+    label_smoothing: float = 0.0  # training loss against smoothed targets (LoRA's GPT-2 E2E: 0.1)
 
 
     skip_nonfinite: bool = False  # skip (and count) steps with a non-finite loss/gradient instead of stopping
@@ -237,7 +239,7 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
     _check_choice("train.scheduler", t.scheduler, SCHEDULERS)
     _check_choice("train.precision", t.precision, PRECISIONS)
     _check_choice("train.resume", t.resume, RESUME_MODES)
-    for key in ("lr", "weight_decay", "max_grad_norm", "warmup_ratio"):
+    for key in ("lr", "weight_decay", "max_grad_norm", "warmup_ratio", "label_smoothing"):
         _check_finite(f"train.{key}", getattr(t, key))
     _check_positive("train.weight_decay", t.weight_decay, allow_zero=True)
     _check_positive("train.max_grad_norm", t.max_grad_norm, allow_zero=True)
@@ -256,6 +258,8 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
         _check_positive(f"dataset.generation.{key}", getattr(run.dataset.generation, key))
     _check_positive("dataset.generation.no_repeat_ngram_size", run.dataset.generation.no_repeat_ngram_size,
                     allow_zero=True)
+    if not 0.0 <= t.label_smoothing < 1.0:
+        raise UserError(f"train.label_smoothing={t.label_smoothing!r} must be in [0, 1)")
     if not 0.0 <= t.warmup_ratio < 1.0:
         raise UserError(f"train.warmup_ratio={t.warmup_ratio!r} must be in [0, 1)")
     if not 0.0 <= run.fnmodel.dropout < 1.0:

@@ -42,6 +42,10 @@ def export_run(folder: str | Path, out: str | Path, checkpoint: str = "best",
     if fmt == "peft" and method not in PEFT_METHODS:
         raise UserError(f"--format peft: a {method} run is not a PEFT LoRA adapter (only "
                         f"{', '.join(PEFT_METHODS)}); use --format merged (a plain transformers model)")
+    if fmt == "peft" and getattr(run.fnmodel, "fused_slices", None):
+        raise UserError(f"--format peft: fnmodel.fused_slices={run.fnmodel.fused_slices} (per-slice LoRA "
+                        "pairs) has no PEFT LoRA equivalent; use --format merged (a plain transformers "
+                        "model)")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} exists and is not empty; choose a new folder")
     load_checkpoint(folder, checkpoint)  # a missing checkpoint fails before any model loads

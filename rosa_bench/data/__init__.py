@@ -46,6 +46,9 @@ def check_dataset_config(cfg: DatasetConfig) -> None:
         raise UserError(f"dataset.max_length={cfg.max_length!r} must be > 0")
     if cfg.num_samples_to_log < 0:
         raise UserError(f"dataset.num_samples_to_log={cfg.num_samples_to_log!r} must be >= 0")
+    if cfg.user_order != "sorted" and not hasattr(module, "USER_ORDERS"):
+        raise UserError(f"dataset.user_order={cfg.user_order!r}: dataset {cfg.name} names no users; "
+                        "leave it sorted")
     module.check(cfg)
 
 

@@ -1,8 +1,11 @@
 """Databricks Dolly-15k: instruction following, with a user per example (its category).
 
 Causal LM: the prompt shows the instruction (and the context when there is one), the loss covers
-the response tokens only. Each row also carries `user`, the index of its category in CATEGORIES,
-which the collate passes as a batch field so ColA can give each category its own adapters.
+the response tokens only. Each row also carries `user`, the index of its category in the order
+`dataset.user_order` names (USER_ORDERS), which the collate passes as a batch field so ColA can
+give each category its own adapters. `sorted` is alphabetical; `cola` is the ColA code's list
+(diaoenmao/ColA-..., src/dataset/dataset.py `task_value`), which decides which categories get
+which adapter kind when kinds are given to users in blocks (fnmodel.assign=blocks).
 
 Splits are fixed, whatever the seed: the file's last 80 rows (Shepherd's held-out sample, 10 per
 category) are `test`; every 20th remaining row is `validation`; the rest is `train`. Each split
@@ -23,12 +26,15 @@ from rosa_bench.config import DatasetConfig
 from rosa_bench.data import e2e
 from rosa_bench.data.files import cap, load_hub, local_files, malformed, pad_id
 from rosa_bench.data.task import CAUSAL_LM, GenerationSet, Task
-from rosa_bench.errors import UserError
+from rosa_bench.errors import UserError, choices_error
 
 FILE = "dolly/databricks-dolly-15k.jsonl"
 FIELDS = ("instruction", "context", "response", "category")
 CATEGORIES = ("brainstorming", "classification", "closed_qa", "creative_writing", "general_qa",
               "information_extraction", "open_qa", "summarization")
+USER_ORDERS = {"sorted": CATEGORIES,
+               "cola": ("classification", "information_extraction", "summarization", "brainstorming",
+                        "creative_writing", "open_qa", "closed_qa", "general_qa")}
 TEST_ROWS = 80
 VALIDATION_EVERY = 20
 
@@ -36,6 +42,8 @@ VALIDATION_EVERY = 20
 def check(cfg: DatasetConfig) -> None:
     if cfg.task is not None:
         raise UserError(f"dataset.task={cfg.task!r} is not used by dolly; leave it null")
+    if cfg.user_order not in USER_ORDERS:
+        raise choices_error("dataset.user_order", cfg.user_order, tuple(USER_ORDERS))
     try:
         cfg.prompt.format(instruction="", context="")
     except (KeyError, IndexError, ValueError) as err:
@@ -100,11 +108,17 @@ def format_prompt(prompt: str, instruction: str, context: str) -> str:
     return prompt.format(instruction=instruction, context=f"Context:\n{context}\n" if context else "")
 
 
-def encode(batch: dict[str, list], tokenizer: Any, prompt: str, max_length: int, eos: int) -> dict[str, list]:
+def user_ids(categories: list[str], order: str) -> list[int]:
+    """Each row's user: its category's position in USER_ORDERS[order]."""
+    return [USER_ORDERS[order].index(c) for c in categories]
+
+
+def encode(batch: dict[str, list], tokenizer: Any, prompt: str, max_length: int, eos: int,
+           user_order: str) -> dict[str, list]:
     """e2e's prompt + response + eos encoding (loss on the response), plus the user id."""
     prompts = [format_prompt(prompt, i, c) for i, c in zip(batch["instruction"], batch["context"])]
     out = e2e.encode({"mr": prompts, "ref": batch["response"]}, tokenizer, "{mr}", max_length, eos)
-    out["user"] = [CATEGORIES.index(c) for c in batch["category"]]
+    out["user"] = user_ids(batch["category"], user_order)
     return out
 
 
@@ -127,14 +141,14 @@ def build(cfg: DatasetConfig, tokenizer: Any, seed: int) -> Task:
     raw = {split: cap(rows, cfg.max_train_samples if split == "train" else cfg.max_eval_samples)
            for split, rows in raw.items()}
     fn = partial(encode, tokenizer=tokenizer, prompt=cfg.prompt, max_length=cfg.max_length,
-                 eos=e2e.eos_id(tokenizer))
+                 eos=e2e.eos_id(tokenizer), user_order=cfg.user_order)
     splits = {split: rows.map(fn, batched=True, remove_columns=rows.column_names).filter(learns_something)
               for split, rows in raw.items()}
     empty = [split for split, rows in splits.items() if len(rows) == 0]
     if empty:
         raise UserError(f"dataset.max_length={cfg.max_length} leaves no response token in any row of "
                         f"{empty}: raise it (or the sample caps)")
-    sets = {split: generation_set(raw[split], cfg.prompt) for split in ("validation", "test")}
+    sets = {split: generation_set(raw[split], cfg.prompt, cfg.user_order) for split in ("validation", "test")}
     return Task(
         name="dolly", kind=CAUSAL_LM, run_subdir=run_subdir(cfg), splits=splits,
         collate=partial(collate, pad=pad_id(tokenizer)), validation_splits=["validation"],
@@ -144,10 +158,10 @@ def build(cfg: DatasetConfig, tokenizer: Any, seed: int) -> Task:
     )
 
 
-def generation_set(rows: datasets.Dataset, prompt: str) -> GenerationSet:
+def generation_set(rows: datasets.Dataset, prompt: str, user_order: str) -> GenerationSet:
     """Prompts scored by ROUGE against the one reference response, each with its user, so
     per-user adapters (ColA, collab=alone) answer their own category's prompts."""
     return GenerationSet(
         prompts=[format_prompt(prompt, i, c) for i, c in zip(rows["instruction"], rows["context"])],
         references=[[r] for r in rows["response"]], metric="rouge", sources=list(rows["instruction"]),
-        users=[CATEGORIES.index(c) for c in rows["category"]])
+        users=user_ids(rows["category"], user_order))

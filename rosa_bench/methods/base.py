@@ -90,6 +90,11 @@ def find_targets(model: nn.Module, patterns: list[str]) -> list[str]:
     return sorted(matched, key=[n for n, _ in model.named_modules()].index)
 
 
+def head_linears(model: nn.Module) -> list[str]:
+    """Names of the Linear/Conv1D layers of the task head (classifier / score)."""
+    return [n for n, m in model.named_modules() if is_adaptable(m) and is_head(n)]
+
+
 @torch.no_grad()
 def truncated_svd(weight: torch.Tensor, rank: int, randomized: bool = False,
                   niter: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -18,12 +18,21 @@ Relation to ordinary backprop (tested in tests/test_cola.py at every step, not j
   is fitted on its own examples only (as in the original code), so user k's gradient is
   K * d/d(theta_k) of the loss restricted to user k's examples (the other examples' terms of the
   batch loss dropped, its normaliser kept), not backprop's gradient of the whole batch loss.
+
+`fnmodel.head_adapter=linear_bias` reproduces the original's RoBERTa GLUE runs
+(diaoenmao/ColA-..., src/module/peft/utils/other.py targets `classifier.dense` and
+`classifier.out_proj`; src/model/cola.py `make_cola_model` gives every user a zero-initialised
+linear adapter with bias there, whatever fnmodel.adapter): the frozen head gets those adapters.
+
+Checkpoints written before the MLP adapter took `mlp_layers` named its two Linears fc1/fc2
+(one GELU hidden layer); they load under today's names, hidden.0 / out.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +41,14 @@ from torch import nn
 
 from rosa_bench.config import MethodConfig
 from rosa_bench.errors import UserError
-from rosa_bench.methods.base import AdapterLayer, Method, check_choices, layer_shape
+from rosa_bench.methods.base import (
+    AdapterLayer,
+    Method,
+    check_choices,
+    head_linears,
+    layer_shape,
+    set_submodule,
+)
 
 COLLAB_MODES = ("alone", "col")
 NONLINEAR = ("fnmodel.adapter={} has a nonlinear (mlp) adapter: it has no weight delta to merge into the "
@@ -54,6 +70,7 @@ class ColaConfig(MethodConfig):
     users: int = 1  # adapter sets; >1 needs a dataset that names a user per example (dolly)
     collab: str = "alone"  # alone: each example uses its user's adapter; col: the users' mean
     adapter_device: str = "cpu"  # where adapters, their gradients and optimizer state live
+    head_adapter: str = "none"  # none | linear_bias: the frozen head's Linears get linear adapters with bias
 
 
 class Adapter(nn.Module):
@@ -63,6 +80,10 @@ class Adapter(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         raise UserError(NONLINEAR.format(self.kind))
+
+    def delta_bias(self) -> torch.Tensor | None:
+        """The (out,) vector this adapter adds to the layer's bias, if any."""
+        return None
 
 
 class LowRank(Adapter):
@@ -84,23 +105,32 @@ class LowRank(Adapter):
 
 
 class FullLinear(Adapter):
-    """g(x) = W x with a zero-initialised full (out, in) matrix."""
+    """g(x) = W x (+ b) with a zero-initialised full (out, in) matrix (and bias)."""
 
     kind = "linear"
 
-    def __init__(self, in_features: int, out_features: int, cfg: ColaConfig):
+    def __init__(self, in_features: int, out_features: int, cfg: ColaConfig, bias: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return F.linear(x, self.weight, self.bias)
 
     def delta_weight(self) -> torch.Tensor:
         return self.weight
 
+    def delta_bias(self) -> torch.Tensor | None:
+        return self.bias
+
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
 ASSIGN_ORDERS = ("interleave", "blocks")
+HEAD_ADAPTERS = ("none", "linear_bias")
+# Parameter names of the MLP adapter before `mlp_layers` (one GELU layer, fc1 -> fc2), after
+# the `<layer>.cola.<user>.` prefix (a backbone layer may itself be called fc1).
+OLD_MLP_NAME = re.compile(r"(\.cola\.\d+\.)(fc1|fc2)\.")
+NEW_MLP_NAMES = {"fc1": "hidden.0", "fc2": "out"}
 
 
 def mlp_widths(cfg: ColaConfig) -> list[int]:
@@ -243,6 +273,12 @@ class Site:
     def delta_weight(self) -> torch.Tensor:
         return self.routing.alpha * torch.stack([a.delta_weight() for a in self.adapters]).mean(0)
 
+    def delta_bias(self) -> torch.Tensor | None:
+        biases = [a.delta_bias() for a in self.adapters]
+        if all(b is None for b in biases):
+            return None
+        return self.routing.alpha * torch.stack([b for b in biases if b is not None]).mean(0)
+
 
 class ColaLayer(AdapterLayer):
     def __init__(self, base_layer: nn.Module, site: Site):
@@ -254,6 +290,17 @@ class ColaLayer(AdapterLayer):
 
     def delta_weight(self) -> torch.Tensor:
         return self.site.delta_weight().to(self.weight.device)
+
+    @torch.no_grad()
+    def merge(self) -> nn.Module:
+        """The weight delta, and the head adapters' bias delta into the base bias."""
+        bias = self.site.delta_bias()
+        if bias is not None:
+            base = self.base_layer
+            if base.bias is None:
+                base.bias = nn.Parameter(torch.zeros_like(bias), requires_grad=False)
+            base.bias.add_(bias.to(base.bias.device, base.bias.dtype))
+        return super().merge()
 
 
 def user_kinds(kinds: list[str], users: int, assign: str) -> list[str]:
@@ -302,7 +349,8 @@ class ColA(Method):
             raise UserError(f"fnmodel.train_head={cfg.train_head!r} / dropout={cfg.dropout!r} / train_biases="
                             f"{cfg.train_biases!r} / train_norms={cfg.train_norms!r}: cola keeps the whole "
                             "backbone frozen and has no dropout; set false / 0 / none / false")
-        check_choices(cfg, mlp_activation=tuple(ACTIVATIONS), assign=ASSIGN_ORDERS)
+        check_choices(cfg, mlp_activation=tuple(ACTIVATIONS), assign=ASSIGN_ORDERS,
+                      head_adapter=HEAD_ADAPTERS)
         _positive_int("mlp_layers", cfg.mlp_layers)
         if cfg.mlp_growth <= 0:
             raise UserError(f"fnmodel.mlp_growth={cfg.mlp_growth!r} must be > 0")
@@ -322,16 +370,34 @@ class ColA(Method):
             raise UserError(f"fnmodel.adapter_device={self.cfg.adapter_device!r} is not reachable from "
                             f"process {os.environ.get('RANK', '0')}, which sees {torch.cuda.device_count()} "
                             "CUDA device(s); use fnmodel.adapter_device=cpu, or cuda (each process's GPU)")
-        return super().apply(model, family)
+        model = super().apply(model, family)
+        if self.cfg.head_adapter == "linear_bias":
+            self._adapt_head(model)
+        return model
+
+    def _layer(self, module: nn.Module, adapters: list[Adapter]) -> ColaLayer:
+        site = Site(nn.ModuleList(adapters).to(self.routing.device), self.routing)
+        self.sites.append(site)
+        return ColaLayer(module, site)
 
     def make_layer(self, name: str, module: nn.Module) -> ColaLayer:
         out_features, in_features = layer_shape(module)
         kinds = user_kinds(self.kinds, self.cfg.users, self.cfg.assign)
-        adapters = nn.ModuleList(ADAPTERS[kind](in_features, out_features, self.cfg) for kind in kinds)
-        adapters.to(self.routing.device)
-        site = Site(adapters, self.routing)
-        self.sites.append(site)
-        return ColaLayer(module, site)
+        return self._layer(module, [ADAPTERS[kind](in_features, out_features, self.cfg) for kind in kinds])
+
+    def _adapt_head(self, model: nn.Module) -> None:
+        """head_adapter=linear_bias: each Linear of the (frozen) task head gets, for every user,
+        a zero-initialised linear adapter with bias, as the original's RoBERTa GLUE runs."""
+        names = head_linears(model)
+        if not names:
+            raise UserError("fnmodel.head_adapter=linear_bias: this model has no classification head "
+                            "(classifier / score); set fnmodel.head_adapter=none")
+        for name in names:
+            module = model.get_submodule(name)
+            out_features, in_features = layer_shape(module)
+            adapters = [FullLinear(in_features, out_features, self.cfg, bias=True)
+                        for _ in range(self.cfg.users)]
+            set_submodule(model, name, self._layer(module, adapters))
 
     def _named_adapters(self, model: nn.Module) -> dict[str, torch.Tensor]:
         return {f"{name}.cola.{key}": tensor for name, layer in self.adapter_layers(model)
@@ -374,6 +440,7 @@ class ColA(Method):
         return {k: v.detach() for k, v in self._named_adapters(model).items()}
 
     def load_checkpoint_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        state = self._renamed_old_mlp(state)
         own = self._named_adapters(model)
         unknown, missing = sorted(set(state) - set(own)), sorted(set(own) - set(state))
         if unknown or missing:
@@ -382,3 +449,16 @@ class ColA(Method):
         with torch.no_grad():
             for key, tensor in state.items():
                 own[key].copy_(tensor)
+
+    def _renamed_old_mlp(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Keys of MLP adapters saved as fc1/fc2 under today's names. Those checkpoints hold
+        one GELU hidden layer, so only that shape can take them."""
+        if not any(OLD_MLP_NAME.search(key) for key in state):
+            return state
+        if self.cfg.mlp_layers != 1 or self.cfg.mlp_activation != "gelu":
+            raise UserError(f"this checkpoint's ColA mlp adapters use the old fc1/fc2 names (one GELU hidden "
+                            f"layer) but fnmodel.mlp_layers={self.cfg.mlp_layers} "
+                            f"mlp_activation={self.cfg.mlp_activation}; "
+                            "set fnmodel.mlp_layers=1 fnmodel.mlp_activation=gelu to load it")
+        return {OLD_MLP_NAME.sub(lambda m: f"{m[1]}{NEW_MLP_NAMES[m[2]]}.", key): tensor
+                for key, tensor in state.items()}

@@ -11,7 +11,22 @@ k * in (rows) or k * out (columns) per layer, as the paper counts them.
 Which rows/columns (fnmodel.select): `first`, `random`, or `prune`: a Wanda-style score, the
 row's (column's) weight L1 norm times the L2 norm over calibration tokens of the matching
 output (input) feature, from real activations captured by forward hooks while whole batches
-run through the model. Parameter shapes do not depend on which indices are chosen, so the
+run through the model. Two options reproduce the original code (Kowsher/RoCoFT):
+- `prune_inputs=chained` (RoCoFT.py / leader.py `PEFT_prunig_row/column`): the activations are
+  not the network's. The original feeds the embedding output to the first Linear, then each
+  Linear, in module order, the previous Linear's output (no attention, norm, residual or
+  activation in between); row scores read a layer's output, column scores its input. Here
+  the chain starts from the input the first adapted layer receives in a real forward (BERT /
+  RoBERTa: the embedding output, as the original's `model.roberta.embeddings(input_ids)`)
+  and runs through the adapted layers in module order, the layers the original replaces
+  (with its default, every Linear); padding tokens are left out, the original's are not.
+  A layer whose input width differs from the previous one's output (GPT-2's c_attn -> c_proj,
+  Llama's k/v and MLP projections) cannot be chained: that raises an error.
+- `prune_score=signed_sum` (prune_old.py, the repository's prune.py until 2024-09-28): the
+  feature statistic is the signed sum of its activations over tokens instead of their L2
+  norm (since then the original uses the L2 norm, as our default), so positive and negative
+  activations cancel.
+Parameter shapes do not depend on which indices are chosen, so the
 layers are built at apply() with a placeholder and the trainer's `on_train_start` picks the
 indices before the first step; from Python, call `attached_method(model).calibrate(model,
 batches)` before training.
@@ -47,6 +62,8 @@ if TYPE_CHECKING:
 
 MODES = ("row", "column")
 SELECTIONS = ("first", "random", "prune")
+PRUNE_SCORES = ("l2", "signed_sum")
+PRUNE_INPUTS = ("model", "chained")
 
 
 @dataclass
@@ -57,6 +74,8 @@ class RoCoFTConfig(MethodConfig):
     select: str = "first"  # first | random | prune
     select_largest: bool = True  # prune: keep the k highest scores (false: the k lowest)
     calib_batches: int = 8  # prune: training batches run through the model to score
+    prune_score: str = "l2"  # prune: statistic over tokens: l2 norm | signed_sum (the original's first)
+    prune_inputs: str = "model"  # prune: the network's activations | chained (each fed the previous output)
     # Original-code protocol options (Kowsher/RoCoFT); biases: the shared train_biases=targets.
     prune_keep_first: bool = False  # prune: index 0 is always kept (replacing the last chosen one)
     adapt_head: bool = False  # the head's Linear layers and lm_head (untied) become RoCoFT layers too
@@ -151,11 +170,19 @@ class RoCoFTLayer(AdapterLayer):
         self.needs_calibration = False
 
 
-def prune_scores(weight: torch.Tensor, feature_sq_sums: torch.Tensor, mode: str) -> torch.Tensor:
-    """Row (column) L1 norm of `weight` (out, in) times the L2 norm of the matching output
-    (input) feature; `feature_sq_sums` holds that feature's squared sum over tokens."""
+def feature_statistic(feats: torch.Tensor, score: str) -> torch.Tensor:
+    """Per-feature sum over the tokens (rows) of `feats`: of squares (l2) or of the signed
+    values (signed_sum); sums over batches add up."""
+    feats = feats.reshape(-1, feats.shape[-1]).float()
+    return (feats.pow(2) if score == "l2" else feats).sum(0)
+
+
+def prune_scores(weight: torch.Tensor, feature_sums: torch.Tensor, mode: str,
+                 score: str = "l2") -> torch.Tensor:
+    """Row (column) L1 norm of `weight` (out, in) times the matching output (input) feature's
+    statistic: the L2 norm over tokens (`feature_sums` holds squared sums), or the signed sum."""
     l1 = weight.float().abs().sum(dim=1 if mode == "row" else 0)
-    return l1 * feature_sq_sums.sqrt()
+    return l1 * (feature_sums.sqrt() if score == "l2" else feature_sums)
 
 
 class RoCoFT(Method):
@@ -166,7 +193,7 @@ class RoCoFT(Method):
     @classmethod
     def check_config(cls, cfg: RoCoFTConfig) -> None:
         super().check_config(cfg)
-        check_choices(cfg, mode=MODES, select=SELECTIONS)
+        check_choices(cfg, mode=MODES, select=SELECTIONS, prune_score=PRUNE_SCORES, prune_inputs=PRUNE_INPUTS)
         if cfg.calib_batches < 1:
             raise UserError(f"fnmodel.calib_batches={cfg.calib_batches!r} must be > 0")
         if cfg.dropout:
@@ -229,15 +256,24 @@ class RoCoFT(Method):
                 for layer in layers}
         mask: list[torch.Tensor | None] = [None]
 
+        def real_tokens(feats: torch.Tensor) -> torch.Tensor:
+            """(tokens, features) without padding; also where the model flattened batch and
+            sequence before the layer (BERT's attention projections)."""
+            m, flat = mask[0], feats.reshape(-1, feats.shape[-1])
+            return flat[m.reshape(-1)] if m is not None and m.numel() == flat.shape[0] else flat
+
         def hook(layer: RoCoFTLayer):
             def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-                feats = output if self.cfg.mode == "row" else args[0]
-                m = mask[0]
-                feats = feats[m] if m is not None and m.shape == feats.shape[:-1] else feats
-                sums[layer] += feats.reshape(-1, feats.shape[-1]).float().pow(2).sum(0)
+                feats = real_tokens(output if self.cfg.mode == "row" else args[0])
+                sums[layer] += feature_statistic(feats, self.cfg.prune_score)
             return record
 
-        handles = [layer.register_forward_hook(hook(layer)) for layer in layers]
+        def chain(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            self._chain(layers, real_tokens(args[0]), sums)
+
+        chained = self.cfg.prune_inputs == "chained"
+        handles = [layers[0].register_forward_hook(chain)] if chained and layers else \
+            [layer.register_forward_hook(hook(layer)) for layer in layers]
         device = next(model.parameters()).device
         was_training = model.training
         model.eval()
@@ -256,11 +292,24 @@ class RoCoFT(Method):
         if not seen:
             raise UserError("rocoft select=prune: calibration got no batches")
         for layer in layers:
-            scores = prune_scores(layer.weight, sums[layer], self.cfg.mode)
+            scores = prune_scores(layer.weight, sums[layer], self.cfg.mode, self.cfg.prune_score)
             chosen = scores.topk(len(layer.rocoft_index), largest=self.cfg.select_largest).indices
             if self.cfg.prune_keep_first and not (chosen == 0).any():
                 chosen[-1] = 0  # the original's column_prune: index 0 replaces the weakest choice
             layer.select(chosen.sort().values)
+
+    def _chain(self, layers: list[RoCoFTLayer], x: torch.Tensor, sums: dict) -> None:
+        """prune_inputs=chained: feed `x` (the first layer's real input tokens) through the
+        adapted layers' base weights one after another, as the original's calibration does,
+        adding each layer's input (column) or output (row) statistic."""
+        for layer in layers:
+            if x.shape[-1] != layer.in_features:
+                raise UserError(f"fnmodel.prune_inputs=chained: a layer with {layer.in_features} inputs "
+                                f"follows one with {x.shape[-1]} outputs, so the chain breaks; use "
+                                "prune_inputs=model or targets whose widths chain (BERT/RoBERTa)")
+            out = layer.base_layer(x)
+            sums[layer] += feature_statistic(out if self.cfg.mode == "row" else x, self.cfg.prune_score)
+            x = out
 
     def on_train_start(self, trainer: Trainer) -> None:
         """select=prune: score on the first `calib_batches` shuffled training batches (seeded) of

@@ -31,6 +31,7 @@ from rosa_bench.train import distributed
 from rosa_bench.train.evaluation import evaluate_split, generate_samples, sharded_generate
 from rosa_bench.train.guard import NonFiniteGuard
 from rosa_bench.train.logger import RunLogger, run_hparams
+from rosa_bench.train.loss import check_label_smoothing, training_loss
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 SCHEDULER_NAMES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
@@ -54,6 +55,7 @@ class Trainer:
         self.last_scores: dict[str, Any] = {}
         self.saved_step = -1
         self.guard = NonFiniteGuard(run.train.skip_nonfinite)
+        check_label_smoothing(run.train.label_smoothing, task)
 
     # ---- setup -----------------------------------------------------------------------------
     def _param_groups(self) -> list[dict[str, Any]]:
@@ -146,7 +148,7 @@ class Trainer:
         window = distributed.LogWindow(time.perf_counter)
         for batch in loader:
             with acc.accumulate(self.model):
-                loss = self.model(**batch).loss
+                loss = training_loss(self.model, batch, self.task.is_causal, run.train.label_smoothing)
                 items = distributed.loss_items(batch, self.task.is_causal)
                 acc.backward(distributed.global_mean(loss, items))
                 # the parameter list walks the model: gather it once per optimizer step
