@@ -90,6 +90,7 @@ class Preset:
     e2e_test_samples: int | None = None  # None: the whole test set (630 MRs)
     time_note: str = ""  # how the budget was sized
     extra: tuple[str, ...] = ()  # overrides added to every run (logging)
+    grid_widen: int = 2  # how many 1-2-5 steps a grid may grow past its edge (see grid_rates)
 
     def grid(self, key: str) -> tuple[float, ...]:
         return self.lr_grid.get(key, self.lr_grid["*"])
@@ -153,7 +154,7 @@ PRESETS = {
         e2e_budget=Budget(("train.max_steps=2", "train.batch_size=4", "dataset.max_train_samples=8",
                            "dataset.max_eval_samples=8", "dataset.generation.max_new_tokens=4",
                            "dataset.generation.num_beams=2", "logging.sample_max_new_tokens=2"), "2 steps"),
-        e2e_test_samples=3, extra=("logging.progress=false", "logging.log_every=1"),
+        e2e_test_samples=3, extra=("logging.progress=false", "logging.log_every=1"), grid_widen=0,
     ),
 }
 
@@ -224,20 +225,44 @@ def best_value(folder: Path) -> float:
     return math.nan if value is None else float(value)
 
 
-def chosen_lrs(preset: Preset, out: Path) -> dict[str, float | None]:
-    """Per method, the grid's learning rate with the best validation score on the grid task
-    (every GLUE selection metric is higher-is-better); None until the method's grid is complete."""
-    chosen: dict[str, float | None] = {}
-    for method in preset.glue_methods:
+def next_rate(lr: float, up: bool) -> float:
+    """The neighbour of `lr` on the 1-2-5 series (2e-3 -> 5e-3 up, -> 1e-3 down)."""
+    exponent = math.floor(math.log10(lr) + 1e-9)
+    mantissa = round(lr / 10 ** exponent, 6)
+    steps = {1.0: (2.0, 0.5), 2.0: (5.0, 1.0), 5.0: (10.0, 2.0)}
+    up_to, down_to = steps.get(mantissa, (2 * mantissa, mantissa / 2))
+    return float(f"{(up_to if up else down_to) * 10 ** exponent:.3g}")
+
+
+def grid_rates(preset: Preset, out: Path, method: MethodSpec) -> tuple[list[float], float | None]:
+    """The method's learning-rate grid and its chosen rate (None while runs are missing).
+
+    The grid widens by one 1-2-5 step, up to `preset.grid_widen` times, while its best rate sits
+    on an edge: a best rate at the grid's edge says only that the optimum lies beyond it. Every
+    GLUE selection metric is higher-is-better; ties go to the smaller rate."""
+    rates = sorted(preset.grid(method.key))
+    for widened in range(preset.grid_widen + 1):
         jobs = [make_job(preset, out, "lr_grid", preset.glue_tasks[0], method, lr, preset.seeds[0])
-                for lr in preset.grid(method.key)]
+                for lr in rates]
         if not all(job.done() for job in jobs):
-            chosen[method.key] = None
-            continue
-        scores = [best_value(job.folder) for job in jobs]
-        finite = [(s, -lr) for s, lr in zip(scores, (job.lr for job in jobs)) if not math.isnan(s)]
-        chosen[method.key] = -max(finite)[1] if finite else None  # ties: the smaller rate
-    return chosen
+            return rates, None
+        finite = [(s, -job.lr) for s, job in ((best_value(job.folder), job) for job in jobs) if not math.isnan(s)]
+        if not finite:
+            return rates, None
+        best = -max(finite)[1]
+        if widened == preset.grid_widen or rates[0] < best < rates[-1]:
+            return rates, best
+        if best == rates[-1]:
+            rates.append(next_rate(best, up=True))
+        else:
+            rates.insert(0, next_rate(best, up=False))
+    return rates, None  # unreachable: the loop returns at its last pass
+
+
+def chosen_lrs(preset: Preset, out: Path) -> dict[str, float | None]:
+    """Per method, the grid's learning rate with the best validation score on the grid task;
+    None until the method's (possibly widened) grid is complete."""
+    return {method.key: grid_rates(preset, out, method)[1] for method in preset.glue_methods}
 
 
 def plan(preset: Preset, out: Path) -> list[Job]:
@@ -246,7 +271,7 @@ def plan(preset: Preset, out: Path) -> list[Job]:
     methods = {m.key: m for m in preset.glue_methods}
     grid_task = preset.glue_tasks[0]
     jobs = [make_job(preset, out, "lr_grid", grid_task, m, lr, preset.seeds[0])
-            for m in preset.glue_methods for lr in preset.grid(m.key)]
+            for m in preset.glue_methods for lr in grid_rates(preset, out, m)[0]]
     jobs += [make_job(preset, out, "glue", task, m, lrs[m.key], seed)
              for task in preset.glue_tasks for seed in preset.seeds for m in preset.glue_methods]
     jobs += [make_job(preset, out, "e2e", "e2e", methods[key], lrs[key], preset.seeds[0])
@@ -520,7 +545,7 @@ def _glue_section(preset: Preset, df, lrs: dict) -> tuple[list[str], dict]:
 
 def _grid_section(preset: Preset, df, lrs: dict) -> list[str]:
     grid = df[df.experiment == "lr_grid"]
-    all_lrs = sorted({lr for m in preset.glue_methods for lr in preset.grid(m.key)})
+    all_lrs = sorted(set(grid.lr.dropna()))
     rows = []
     for m in preset.glue_methods:
         mine = grid[grid.method == m.key]
@@ -632,6 +657,9 @@ def write_report(preset: Preset, out: Path, results: Path, doc: Path, command: s
         "is the whole budget here, so a run trains four subspaces in turn).",
         f"- Learning rate: per method, the best validation score on `{preset.glue_tasks[0]}` (seed "
         f"{preset.seeds[0]}) over the grid below, then fixed for every task, seed and rank, and for E2E. "
+        f"A grid whose best rate lies on its edge grows by one step of the 1-2-5 series in that "
+        f"direction, at most {preset.grid_widen} times, so that the chosen rate is an interior optimum "
+        f"where the widened grid finds one. "
         f"Because the grid task's dev set both picks the rate and reports the score, the "
         f"`{preset.glue_tasks[0]}` column is optimistic for every method alike.",
         f"- E2E with `{preset.e2e_model}` ({', '.join(preset.e2e_methods)}; targets "

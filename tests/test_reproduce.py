@@ -156,3 +156,41 @@ def test_the_final_report_has_every_table_figure_and_number(tree):
     assert "![rank sweep](" in text and "![E2E validation loss](" in text
     assert text.count("ROSA ≥ LoRA at equal rank") == 2  # GLUE (per task) and E2E
     assert "Δ +0.000; one seed, no spread to judge it by" in text  # E2E: one seed each
+
+
+def test_a_grid_whose_best_rate_is_on_its_edge_grows_past_it(tmp_path, monkeypatch):
+    """Scores rise with the rate up to 4e-2: the grid (1e-3, 1e-2) widens to 2e-2, then 5e-2,
+    and keeps 2e-2 only once a larger rate has been seen to score worse."""
+    preset = dataclasses.replace(PRESET, lr_grid={"*": (1e-3, 1e-2)}, grid_widen=3)
+    method = preset.glue_methods[0]
+    scores = {1e-3: 0.5, 1e-2: 0.6, 2e-2: 0.7, 5e-2: 0.65}
+
+    def finish(lr):
+        job = reproduce.make_job(preset, tmp_path, "lr_grid", preset.glue_tasks[0], method, lr, preset.seeds[0])
+        job.folder.mkdir(parents=True, exist_ok=True)
+        runs.write_json(job.folder / "metrics.json", {"complete": True, "best": {"value": scores[lr]}})
+
+    rates, chosen = reproduce.grid_rates(preset, tmp_path, method)
+    assert (rates, chosen) == ([1e-3, 1e-2], None)
+    for lr in rates:
+        finish(lr)
+    rates, chosen = reproduce.grid_rates(preset, tmp_path, method)
+    assert (rates, chosen) == ([1e-3, 1e-2, 2e-2], None)
+    finish(2e-2)
+    rates, chosen = reproduce.grid_rates(preset, tmp_path, method)
+    assert (rates, chosen) == ([1e-3, 1e-2, 2e-2, 5e-2], None)
+    finish(5e-2)
+    assert reproduce.grid_rates(preset, tmp_path, method) == ([1e-3, 1e-2, 2e-2, 5e-2], 2e-2)
+    assert reproduce.chosen_lrs(preset, tmp_path)[method.key] == 2e-2
+
+
+def test_a_grid_stops_widening_at_its_limit_and_keeps_its_edge(tmp_path):
+    """Scores fall with the rate: the grid grows downwards once (grid_widen=1), then keeps its
+    lowest rate even though it is again on the edge."""
+    preset = dataclasses.replace(PRESET, lr_grid={"*": (1e-3, 2e-3)}, grid_widen=1)
+    method = preset.glue_methods[0]
+    for lr in (5e-4, 1e-3, 2e-3):
+        job = reproduce.make_job(preset, tmp_path, "lr_grid", preset.glue_tasks[0], method, lr, preset.seeds[0])
+        job.folder.mkdir(parents=True, exist_ok=True)
+        runs.write_json(job.folder / "metrics.json", {"complete": True, "best": {"value": 1 - lr}})
+    assert reproduce.grid_rates(preset, tmp_path, method) == ([5e-4, 1e-3, 2e-3], 5e-4)
