@@ -121,8 +121,8 @@ PRESETS = {
                            "linear decay after 6% warm-up, weight decay 0, gradient clipping 1.0; the "
                            "full dev set evaluated at steps 16, 32, 48 and 63",
                            rosa_every=GLUE_STEPS // 4),
-        lr_grid={"full": (2e-5, 5e-5, 1e-4, 2e-4), "loraxs": (5e-4, 1e-3, 2e-3, 5e-3),
-                 "*": (2e-4, 5e-4, 1e-3, 2e-3)},
+        lr_grid={"full": (2e-5, 5e-5, 1e-4, 2e-4), "loraxs": (5e-4, 1e-3, 2e-3, 5e-3, 1e-2),
+                 "*": (2e-4, 5e-4, 1e-3, 2e-3, 5e-3)}, grid_widen=3,
         seeds=(0, 1, 2), rank=8, sweep_methods=("lora", "rosa"), sweep_ranks=(1, 2, 4, 8, 16, 32),
         e2e_model="smollm2-135m", e2e_methods=("full", "lora", "rosa", "loraxs", "rocoft-row"),
         e2e_targets="[q_proj,v_proj]",
@@ -234,13 +234,22 @@ def next_rate(lr: float, up: bool) -> float:
     return float(f"{(up_to if up else down_to) * 10 ** exponent:.3g}")
 
 
+def finished_grid_rates(preset: Preset, out: Path, method: MethodSpec) -> list[float]:
+    """Rates on the 1-2-5 series from 1e-6 to 0.5 with a finished grid run on disk: a run that
+    an earlier, different grid asked for still counts (and is shown), never silently dropped."""
+    series = [m * 10.0 ** e for e in range(-6, 0) for m in (1, 2, 5)]
+    return [float(f"{lr:.3g}") for lr in series
+            if make_job(preset, out, "lr_grid", preset.glue_tasks[0], method, float(f"{lr:.3g}"),
+                        preset.seeds[0]).done()]
+
+
 def grid_rates(preset: Preset, out: Path, method: MethodSpec) -> tuple[list[float], float | None]:
     """The method's learning-rate grid and its chosen rate (None while runs are missing).
 
     The grid widens by one 1-2-5 step, up to `preset.grid_widen` times, while its best rate sits
     on an edge: a best rate at the grid's edge says only that the optimum lies beyond it. Every
     GLUE selection metric is higher-is-better; ties go to the smaller rate."""
-    rates = sorted(preset.grid(method.key))
+    rates = sorted(set(preset.grid(method.key)) | set(finished_grid_rates(preset, out, method)))
     for widened in range(preset.grid_widen + 1):
         jobs = [make_job(preset, out, "lr_grid", preset.glue_tasks[0], method, lr, preset.seeds[0])
                 for lr in rates]
@@ -559,7 +568,11 @@ def _grid_section(preset: Preset, df, lrs: dict) -> list[str]:
             text = "pending" if hit.status.iloc[0] != "done" else f"{value:.3f}"
             cells.append(f"**{text}**" if lrs.get(m.key) == lr else text)
         rows.append([m.key, *cells])
-    return [md_table(["method", *[_lr_text(x) for x in all_lrs]], rows), ""]
+    edge = [m.key for m in preset.glue_methods if lrs.get(m.key) is not None
+            and lrs[m.key] in (grid[grid.method == m.key].lr.min(), grid[grid.method == m.key].lr.max())]
+    note = (f"Still on the edge of the widened grid (the best rate may lie beyond it): {', '.join(edge)}."
+            if edge else "Every chosen rate is an interior optimum of its grid.")
+    return [md_table(["method", *[_lr_text(x) for x in all_lrs]], rows), "", note, ""]
 
 
 def _sweep_section(preset: Preset, df) -> list[str]:
