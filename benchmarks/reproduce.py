@@ -247,24 +247,27 @@ def grid_rates(preset: Preset, out: Path, method: MethodSpec) -> tuple[list[floa
     """The method's learning-rate grid and its chosen rate (None while runs are missing).
 
     The grid widens by one 1-2-5 step, up to `preset.grid_widen` times, while its best rate sits
-    on an edge: a best rate at the grid's edge says only that the optimum lies beyond it. Every
-    GLUE selection metric is higher-is-better; ties go to the smaller rate."""
-    rates = sorted(set(preset.grid(method.key)) | set(finished_grid_rates(preset, out, method)))
+    on an edge: a best rate at the grid's edge says only that the optimum lies beyond it. The
+    choice is over every finished grid run of the method (earlier grids' included). Every GLUE
+    selection metric is higher-is-better; ties go to the smaller rate."""
+    rates = sorted(preset.grid(method.key))
     for widened in range(preset.grid_widen + 1):
+        tried = sorted(set(rates) | set(finished_grid_rates(preset, out, method)))
         jobs = [make_job(preset, out, "lr_grid", preset.glue_tasks[0], method, lr, preset.seeds[0])
-                for lr in rates]
+                for lr in tried]
         if not all(job.done() for job in jobs):
-            return rates, None
-        finite = [(s, -job.lr) for s, job in ((best_value(job.folder), job) for job in jobs) if not math.isnan(s)]
+            return tried, None
+        scored = [(best_value(job.folder), -job.lr) for job in jobs]
+        finite = [pair for pair in scored if not math.isnan(pair[0])]
         if not finite:
-            return rates, None
+            return tried, None
         best = -max(finite)[1]
         if widened == preset.grid_widen or rates[0] < best < rates[-1]:
-            return rates, best
-        if best == rates[-1]:
-            rates.append(next_rate(best, up=True))
+            return tried, best
+        if best >= rates[-1]:
+            rates.append(next_rate(rates[-1], up=True))
         else:
-            rates.insert(0, next_rate(best, up=False))
+            rates.insert(0, next_rate(rates[0], up=False))
     return rates, None  # unreachable: the loop returns at its last pass
 
 

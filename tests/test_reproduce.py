@@ -166,7 +166,8 @@ def test_a_grid_whose_best_rate_is_on_its_edge_grows_past_it(tmp_path, monkeypat
     scores = {1e-3: 0.5, 1e-2: 0.6, 2e-2: 0.7, 5e-2: 0.65}
 
     def finish(lr):
-        job = reproduce.make_job(preset, tmp_path, "lr_grid", preset.glue_tasks[0], method, lr, preset.seeds[0])
+        job = reproduce.make_job(preset, tmp_path, "lr_grid", preset.glue_tasks[0], method, lr,
+                                 preset.seeds[0])
         job.folder.mkdir(parents=True, exist_ok=True)
         runs.write_json(job.folder / "metrics.json", {"complete": True, "best": {"value": scores[lr]}})
 
@@ -190,7 +191,20 @@ def test_a_grid_stops_widening_at_its_limit_and_keeps_its_edge(tmp_path):
     preset = dataclasses.replace(PRESET, lr_grid={"*": (1e-3, 2e-3)}, grid_widen=1)
     method = preset.glue_methods[0]
     for lr in (5e-4, 1e-3, 2e-3):
-        job = reproduce.make_job(preset, tmp_path, "lr_grid", preset.glue_tasks[0], method, lr, preset.seeds[0])
+        job = reproduce.make_job(preset, tmp_path, "lr_grid", preset.glue_tasks[0], method, lr,
+                                 preset.seeds[0])
         job.folder.mkdir(parents=True, exist_ok=True)
         runs.write_json(job.folder / "metrics.json", {"complete": True, "best": {"value": 1 - lr}})
     assert reproduce.grid_rates(preset, tmp_path, method) == ([5e-4, 1e-3, 2e-3], 5e-4)
+
+
+def test_a_finished_run_of_an_earlier_grid_is_kept_and_can_win(tmp_path):
+    preset = dataclasses.replace(PRESET, lr_grid={"*": (1e-3, 2e-3)}, grid_widen=0)
+    method = preset.glue_methods[0]
+    for lr, score in ((1e-4, 0.9), (1e-3, 0.6), (2e-3, 0.7)):
+        job = reproduce.make_job(preset, tmp_path, "lr_grid", preset.glue_tasks[0], method, lr,
+                                 preset.seeds[0])
+        job.folder.mkdir(parents=True, exist_ok=True)
+        runs.write_json(job.folder / "metrics.json", {"complete": True, "best": {"value": score}})
+    assert reproduce.grid_rates(preset, tmp_path, method) == ([1e-4, 1e-3, 2e-3], 1e-4)
+    assert 1e-4 in [j.lr for j in reproduce.plan(preset, tmp_path) if j.experiment == "lr_grid"]
