@@ -82,7 +82,7 @@ def load_model(model_cfg: ModelConfig, kind: str,
     if kind == CAUSAL_LM and model_cfg.kind == "encoder":
         raise UserError(f"model {model_cfg.name!r} is an encoder; this task needs a causal model "
                         f"(e.g. smollm2-135m, gpt2, tiny-gpt2, tiny-llama)")
-    model_cls, head = _head(kind, num_labels)
+    model_cls, head = model_class(kind, num_labels)
     loaders = {"hub": _load_hub, "gguf_package": _load_gguf_package, "package": _load_package,
                "tiny": _load_tiny}
     if model_cfg.source not in loaders:
@@ -111,7 +111,7 @@ def enable_gradient_checkpointing(model: nn.Module, name: str) -> None:
     hf_model.disable_input_require_grads()
 
 
-def _head(kind: str, num_labels: int | None) -> tuple[Any, dict[str, Any]]:
+def model_class(kind: str, num_labels: int | None) -> tuple[Any, dict[str, Any]]:
     """The Auto class and config kwargs that give the model the task's output head."""
     if kind == CAUSAL_LM:
         return AutoModelForCausalLM, {}
