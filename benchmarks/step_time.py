@@ -39,10 +39,14 @@ import statistics
 import sys
 import time
 import traceback
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from queue import Empty
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -67,7 +71,7 @@ class Setting:
     seq_len: int | None = None
     architectures: str | None = None  # folder of <model>/config.json: random weights, same shapes
 
-    def torch_device(self):
+    def torch_device(self) -> torch.device:
         import torch
 
         if self.device == "auto":
@@ -79,7 +83,8 @@ class Setting:
         batch, seq, kind = SHAPES.get(model_name) or (*OTHER_SHAPE, task_kind(model_name))
         return self.batch or batch, self.seq_len or seq, kind
 
-    def autocast(self):
+    def autocast(self) -> AbstractContextManager:
+        """bf16: autocast on the setting's device, as the trainer's Accelerate does."""
         import torch
 
         if self.precision == "fp32":
@@ -99,7 +104,8 @@ def task_kind(model_name: str) -> str:
     return CLASSIFICATION if kind == "encoder" else CAUSAL_LM
 
 
-def load_bench_model(model_name: str, kind: str, architectures: str | None, device):
+def load_bench_model(model_name: str, kind: str, architectures: str | None,
+                     device: torch.device | str) -> tuple[torch.nn.Module, str]:
     """(model, family) in eval mode: the offline weights, or with `architectures` the model
     built from `<architectures>/<model_name>/config.json` with random weights, directly on
     `device`. Step time and memory do not depend on the weights' values."""
@@ -142,8 +148,9 @@ class Bench:
                                                                           checkpointing)
         batch, seq, kind = setting.shape(model_name)
         self.device = setting.torch_device()
-        # Loaded onto the device before the method applies, so its factors (and any SVD) are made
-        # there, as in training; ColA's adapters stay on their adapter_device.
+        # On the device before the method applies (a model from `architectures` is built there,
+        # sparing a CPU init of random weights), so its factors are made there too; ColA's
+        # adapters stay on their adapter_device.
         model, family = load_bench_model(model_name, kind, setting.architectures, self.device)
         self.options = resolve_targets(options, family)
         if method == FLOOR:
