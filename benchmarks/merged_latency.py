@@ -9,7 +9,9 @@ changes weights) and the merged outputs are checked against the wrapped model's.
 merged forwards alternate, and medians are compared, so drifting machine load hits both alike.
 Ratios are given on medians and on minima (the least disturbed run, the steadier
 figure on a shared machine). The unmerged wrapped model is timed too, to show what merging
-saves. Prints a table and writes JSON.
+saves. `--device cuda --precision bf16` times on a GPU (bf16 autocast); `--architectures DIR`
+builds the models from config files with random weights (step_time.py's options). Prints a table
+and writes JSON.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import copy
 import statistics
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -26,31 +29,43 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.step_time import SHAPES, label, parse_methods, resolve_targets, save_json  # noqa: E402
+from benchmarks.step_time import (  # noqa: E402
+    DEFAULT_SETTING,
+    Setting,
+    add_setting_arguments,
+    label,
+    load_bench_model,
+    parse_methods,
+    resolve_targets,
+    save_json,
+)
 
 DEFAULT_METHODS = "lora,peft_lora,rosa,loraxs,rocoft:mode=row,rocoft:mode=column,cola:adapter=lowrank"
 # model -> (batch, seq_len) of one inference call
 INFERENCE_SHAPES = {"minilm-l6": (8, 64), "smollm2-135m": (1, 128)}
 
 
-def forward_s(model: torch.nn.Module, batch: dict) -> float:
+def forward_s(model: torch.nn.Module, batch: dict, setting: Setting = DEFAULT_SETTING) -> float:
+    cuda = setting.torch_device().type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
     start = time.perf_counter()
-    model(**batch)
+    with setting.autocast():
+        model(**batch)
+    if cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
-def load(model_name: str) -> tuple[torch.nn.Module, str]:
-    from rosa_bench.config import ModelConfig
-    from rosa_bench.models import load_model, resolve_model_config
-
-    kind = SHAPES[model_name][2]
-    model, _, family = load_model(resolve_model_config(ModelConfig(), model_name), kind,
-                                  num_labels=2 if kind == "classification" else None)
-    return model.eval(), family
+def load(model_name: str, setting: Setting = DEFAULT_SETTING) -> tuple[torch.nn.Module, str]:
+    """(model, family) of the benchmarked model, on the setting's device."""
+    kind = setting.shape(model_name)[2]
+    return load_bench_model(model_name, kind, setting.architectures, setting.torch_device())
 
 
 @torch.no_grad()
-def measure(base: torch.nn.Module, family: str, method: str, options: dict, batch: dict, reps: int) -> dict:
+def measure(base: torch.nn.Module, family: str, method: str, options: dict, batch: dict, reps: int,
+            setting: Setting = DEFAULT_SETTING) -> dict:
     """Median forward seconds of base, wrapped and merged models, interleaved."""
     import rosa_bench
     from rosa_bench.methods import attached_method
@@ -60,14 +75,15 @@ def measure(base: torch.nn.Module, family: str, method: str, options: dict, batc
     for p in attached_method(wrapped).optimizer_parameters(wrapped):  # ColA's live outside the model
         p.normal_(std=1e-3)
     merged = rosa_bench.merge(copy.deepcopy(wrapped))
-    gap = float((merged(**batch).logits - wrapped(**batch).logits).abs().max())
+    with setting.autocast():
+        gap = float((merged(**batch).logits - wrapped(**batch).logits).abs().max())
     times: dict[str, list[float]] = {"base": [], "wrapped": [], "merged": []}
     for _ in range(2):  # warm-up
         for model in (base, wrapped, merged):
-            model(**batch)
+            forward_s(model, batch, setting)
     for _ in range(reps):
         for name, model in (("base", base), ("merged", merged), ("wrapped", wrapped)):
-            times[name].append(forward_s(model, batch))
+            times[name].append(forward_s(model, batch, setting))
     med = {k: statistics.median(v) for k, v in times.items()}
     best = {k: min(v) for k, v in times.items()}  # the least disturbed run: robust on a shared machine
     return {"method": method, "label": label(method, options), "options": options,
@@ -98,22 +114,34 @@ def main() -> None:
                         help="'same' (LoRA's query/value for every method), 'default', or patterns")
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
+    add_setting_arguments(parser)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "merged_latency.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    rows = []
-    for model_name in args.models.split(","):
-        base, family = load(model_name)
-        batch_size, seq = INFERENCE_SHAPES[model_name]
-        ids = torch.randint(100, 1000, (batch_size, seq))
-        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        for method, options in parse_methods(args.methods, args.rank, args.targets):
-            print(f"measuring {model_name} / {method} {options} ...", flush=True)
-            rows.append({"model": model_name, "batch": batch_size, "seq_len": seq,
-                         **measure(base, family, method, options, batch, args.reps)})
+    setting = Setting(args.device, args.precision, architectures=args.architectures)
+    methods = parse_methods(args.methods, args.rank, args.targets)
+    rows = [row for model_name in args.models.split(",")
+            for row in latency_rows(model_name, methods, args.reps, setting)]
     print(table(rows))
-    save_json(Path(args.out), rows, threads=args.threads, reps=args.reps)
+    save_json(Path(args.out), rows, threads=args.threads, reps=args.reps, setting=asdict(setting))
+
+
+def latency_rows(model_name: str, methods: list[tuple[str, dict]], reps: int, setting: Setting,
+                 shape: tuple[int, int] | None = None) -> list[dict]:
+    """One row per method on one model (batch x seq_len: `shape`, else INFERENCE_SHAPES')."""
+    torch.manual_seed(0)
+    base, family = load(model_name, setting)
+    batch_size, seq = shape or INFERENCE_SHAPES[model_name]
+    high = min(1000, base.config.vocab_size)  # tiny test models have small vocabularies
+    ids = torch.randint(min(100, high // 2), high, (batch_size, seq), device=setting.torch_device())
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    rows = []
+    for method, options in methods:
+        print(f"measuring {model_name} / {method} {options} ...", flush=True)
+        rows.append({"model": model_name, "batch": batch_size, "seq_len": seq, "precision": setting.precision,
+                     "device": setting.torch_device().type,
+                     **measure(base, family, method, options, batch, reps, setting)})
+    return rows
 
 
 if __name__ == "__main__":

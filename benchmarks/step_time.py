@@ -17,7 +17,15 @@ each (model, method) in a fresh child process: on CUDA the allocator's peak, on 
 child's peak resident memory (and the part added by training, over the loaded model).
 `adapter_state_mb` is what the trained tensors, their gradients and AdamW moments take, on
 `adapter_device` (ColA keeps them off the backbone's device:
-`--methods lora,cola:adapter=lowrank,cola:adapter=linear`). Prints a table and writes JSON.
+`--methods lora,cola:adapter=lowrank,cola:adapter=linear`); `adapter_state_on_device_mb` is the part
+of it on the backbone's device.
+
+`--gradient-checkpointing on|both` adds rows (label `+gc`) with `train.gradient_checkpointing`'s
+mechanism; `train_mem_vs_no_gc` is their training memory over the same method's without.
+`--device cuda --precision bf16 --batch 8 --seq-len 512` is the GPU setting (bf16 autocast, as
+`train.precision=bf16`); `--architectures DIR` builds each model from `DIR/<model>/config.json` with
+random weights (same shapes and work, for a machine without the weight packages).
+Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -30,7 +38,15 @@ import resource
 import statistics
 import sys
 import time
+import traceback
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from queue import Empty
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -41,6 +57,74 @@ DEFAULT_METHODS = ("full,floor,lora,peft_lora,rosa,loraxs,rocoft:mode=row,rocoft
                    "cola:adapter=lowrank,cola:adapter=linear")
 # Not a method: the lower bound of every adapter on the same targets (see `apply_floor`).
 FLOOR = "floor"
+OTHER_SHAPE = (8, 64)  # batch, seq_len of a model SHAPES does not name (tiny test models)
+GC_MODES = {"off": (False,), "on": (True,), "both": (False, True)}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Where and how every step of one benchmark run goes (picklable, for the child processes)."""
+
+    device: str = "auto"  # auto: cuda when available, else cpu
+    precision: str = "fp32"  # fp32 | bf16 (autocast over fp32 weights, as train.precision=bf16)
+    batch: int | None = None  # None: the model's SHAPES entry
+    seq_len: int | None = None
+    architectures: str | None = None  # folder of <model>/config.json: random weights, same shapes
+
+    def torch_device(self) -> torch.device:
+        import torch
+
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def shape(self, model_name: str) -> tuple[int, int, str]:
+        """(batch, seq_len, task kind) of `model_name` under this setting."""
+        batch, seq, kind = SHAPES.get(model_name) or (*OTHER_SHAPE, task_kind(model_name))
+        return self.batch or batch, self.seq_len or seq, kind
+
+    def autocast(self) -> AbstractContextManager:
+        """bf16: autocast on the setting's device, as the trainer's Accelerate does."""
+        import torch
+
+        if self.precision == "fp32":
+            return nullcontext()
+        return torch.autocast(self.torch_device().type, dtype=torch.bfloat16)
+
+
+DEFAULT_SETTING = Setting()
+
+
+def task_kind(model_name: str) -> str:
+    """Encoders are benchmarked as classifiers, decoders as causal LMs (the model's YAML)."""
+    from rosa_bench.config import ModelConfig
+    from rosa_bench.models import CAUSAL_LM, CLASSIFICATION, resolve_model_config
+
+    kind = resolve_model_config(ModelConfig(), model_name).kind
+    return CLASSIFICATION if kind == "encoder" else CAUSAL_LM
+
+
+def load_bench_model(model_name: str, kind: str, architectures: str | None,
+                     device: torch.device | str) -> tuple[torch.nn.Module, str]:
+    """(model, family) in eval mode: the offline weights, or with `architectures` the model
+    built from `<architectures>/<model_name>/config.json` with random weights, directly on
+    `device`. Step time and memory do not depend on the weights' values."""
+    from rosa_bench.config import ModelConfig
+    from rosa_bench.methods.base import model_family
+    from rosa_bench.models import load_model, model_class, resolve_model_config
+
+    num_labels = 2 if kind == "classification" else None
+    if architectures is None:
+        model, _, family = load_model(resolve_model_config(ModelConfig(), model_name), kind, num_labels)
+        return model.to(device), family
+    import torch
+    from transformers import AutoConfig
+
+    model_cls, head = model_class(kind, num_labels)
+    config = AutoConfig.from_pretrained(Path(architectures) / model_name, **head)
+    with torch.device(device):
+        model = model_cls.from_config(config)
+    return model.eval(), model_family(model)
 
 
 def _rss_mb() -> float:
@@ -51,20 +135,23 @@ class Bench:
     """One method on one model with its optimizer and a fixed random batch, ready to take
     timed AdamW training steps."""
 
-    def __init__(self, model_name: str, method: str, options: dict):
+    def __init__(self, model_name: str, method: str, options: dict, setting: Setting = DEFAULT_SETTING,
+                 checkpointing: bool = False):
         import torch
 
-        from rosa_bench.config import ModelConfig
         from rosa_bench.methods import build_method, method_class
         from rosa_bench.methods.base import Method
-        from rosa_bench.models import load_model, resolve_model_config
+        from rosa_bench.models import enable_gradient_checkpointing
 
         torch.manual_seed(0)
-        self.model_name, self.method = model_name, method
-        batch, seq, kind = SHAPES[model_name]
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model, _, family = load_model(resolve_model_config(ModelConfig(), model_name), kind,
-                                      num_labels=2 if kind == "classification" else None)
+        self.model_name, self.method, self.setting, self.checkpointing = (model_name, method, setting,
+                                                                          checkpointing)
+        batch, seq, kind = setting.shape(model_name)
+        self.device = setting.torch_device()
+        # On the device before the method applies (a model from `architectures` is built there,
+        # sparing a CPU init of random weights), so its factors are made there too; ColA's
+        # adapters stay on their adapter_device.
+        model, family = load_bench_model(model_name, kind, setting.architectures, self.device)
         self.options = resolve_targets(options, family)
         if method == FLOOR:
             self.adapter = None
@@ -73,9 +160,12 @@ class Bench:
             self.adapter = build_method(method_class(method).config_class(name=method, **self.options))
             model = self.adapter.apply(model, family)
             self.params = self.adapter.optimizer_parameters(model)  # ColA: adapters outside the backbone
+        if checkpointing:
+            enable_gradient_checkpointing(model, model_name)
         self.model = model.to(self.device).train()
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-4) if self.params else None
-        self.ids = torch.randint(100, 1000, (batch, seq), device=self.device)
+        high = min(1000, model.config.vocab_size)  # tiny test models have small vocabularies
+        self.ids = torch.randint(min(100, high // 2), high, (batch, seq), device=self.device)
         self.labels = (torch.randint(0, 2, (batch,), device=self.device) if kind == "classification"
                        else self.ids)
 
@@ -92,7 +182,9 @@ class Bench:
         self._sync()
         start = time.perf_counter()
         mask = torch.ones_like(self.ids)
-        self.model(input_ids=self.ids, attention_mask=mask, labels=self.labels).loss.backward()
+        with self.setting.autocast():
+            loss = self.model(input_ids=self.ids, attention_mask=mask, labels=self.labels).loss
+        loss.backward()
         if self.adapter is not None:
             self.adapter.before_optimizer_step()
         if self.optimizer is not None:
@@ -111,38 +203,55 @@ class Bench:
                  if torch.is_tensor(t)]
         trainable = (trainable_parameter_count(self.model) if self.adapter is not None
                      else sum(p.numel() for p in self.params))
-        batch, seq, _ = SHAPES[self.model_name]
-        return {"model": self.model_name, "method": self.method, "label": label(self.method, self.options),
+        batch, seq, _ = self.setting.shape(self.model_name)
+        on_device = [t for t in state if t.device.type == self.device.type]
+        return {"model": self.model_name, "method": self.method,
+                "label": label(self.method, self.options) + ("+gc" if self.checkpointing else ""),
                 "options": self.options, "trainable_params": trainable,
                 "adapter_device": ",".join(sorted({str(p.device) for p in self.params})),
-                "adapter_state_mb": sum(t.numel() * t.element_size() for t in state) / 2**20,
-                "batch": batch, "seq_len": seq, "device": self.device.type}
+                "adapter_state_mb": _mb(state), "adapter_state_on_device_mb": _mb(on_device),
+                "batch": batch, "seq_len": seq, "device": self.device.type,
+                "precision": self.setting.precision, "gradient_checkpointing": self.checkpointing,
+                "weights": "random" if self.setting.architectures else "offline"}
 
 
-def memory(model_name: str, method: str, options: dict, steps: int, threads: int) -> dict:
-    """Peak memory of `steps` training steps of one method, alone in this (child) process."""
+def _mb(tensors: list) -> float:
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+
+def memory(model_name: str, method: str, options: dict, steps: int, threads: int,
+           setting: Setting = DEFAULT_SETTING, checkpointing: bool = False) -> dict:
+    """Peak memory of `steps` training steps of one method, alone in this (child) process, and
+    the training part: the peak over what the loaded, wrapped model holds (on CUDA the
+    allocator's figures, on CPU resident memory)."""
+    import gc
+
     import torch
 
     torch.set_num_threads(threads)
-    bench = Bench(model_name, method, options)
-    loaded_mb = _rss_mb()
-    if bench.device.type == "cuda":
+    gc.collect()  # run in-process (measure_model's isolated=False), the last bench's graphs go first
+    bench = Bench(model_name, method, options, setting, checkpointing)
+    cuda = bench.device.type == "cuda"
+    loaded_mb = torch.cuda.memory_allocated() / 2**20 if cuda else _rss_mb()
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
     for _ in range(steps):
         bench.step()
-    cuda = bench.device.type == "cuda"
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _rss_mb()
-    return bench.describe() | {"peak_mem_mb": peak, "train_mem_mb": peak - (0 if cuda else loaded_mb)}
+    return bench.describe() | {"peak_mem_mb": peak, "loaded_mem_mb": loaded_mb,
+                               "train_mem_mb": peak - loaded_mb}
 
 
-def interleaved_times(model_name: str, methods: list[tuple[str, dict]], steps: int, warmup: int,
-                      threads: int) -> list[list[float]]:
+def interleaved_times(model_name: str, methods: list[tuple], steps: int, warmup: int, threads: int,
+                      setting: Setting = DEFAULT_SETTING) -> list[list[float]]:
     """Step times of every method, all loaded in this one (child) process and stepping in turn,
-    one step each: the machine's slow drifts then hit every method alike."""
+    one step each: the machine's slow drifts then hit every method alike. Each entry of
+    `methods` is (method, options) or (method, options, gradient checkpointing)."""
     import torch
 
     torch.set_num_threads(threads)
-    benches = [Bench(model_name, method, options) for method, options in methods]
+    benches = [Bench(model_name, *variant[:2], setting, *variant[2:]) for variant in methods]
     times: list[list[float]] = [[] for _ in benches]
     for i in range(warmup + steps):
         for bench, measured in zip(benches, times):
@@ -172,17 +281,30 @@ def apply_floor(model, patterns: list[str]) -> list:
 
 
 def _child(queue: mp.Queue, fn, *args) -> None:
-    queue.put(fn(*args))
+    try:
+        queue.put((True, fn(*args)))
+    except Exception:
+        queue.put((False, traceback.format_exc()))
 
 
 def run_isolated(fn, *args):
-    """fn(*args) in a fresh child process, so its memory peak and threads are its own."""
+    """fn(*args) in a fresh child process, so its memory peak and threads are its own. A child
+    that raises, or dies (killed for memory), raises here instead of leaving the parent waiting."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(queue, fn, *args))
     proc.start()
-    result = queue.get()
+    while True:
+        try:
+            ok, result = queue.get(timeout=2)
+            break
+        except Empty:
+            if not proc.is_alive() and queue.empty():
+                raise RuntimeError(f"{fn.__name__} died in its child process (exit code {proc.exitcode})") \
+                    from None
     proc.join()
+    if not ok:
+        raise RuntimeError(f"{fn.__name__} failed in its child process:\n{result}")
     return result
 
 
@@ -210,12 +332,17 @@ def add_ratios(rows: list[dict]) -> None:
             if ref in same_model:
                 row[f"time_vs_{ref}"] = row["median_step_s"] / same_model[ref]["median_step_s"]
                 row[f"mem_vs_{ref}"] = row["train_mem_mb"] / max(same_model[ref]["train_mem_mb"], 1e-9)
+        plain = same_model.get(row["label"].removesuffix("+gc"))
+        if row.get("gradient_checkpointing") and plain is not None:
+            row["train_mem_vs_no_gc"] = row["train_mem_mb"] / max(plain["train_mem_mb"], 1e-9)
+            row["time_vs_no_gc"] = row["median_step_s"] / plain["median_step_s"]
 
 
 def table(rows: list[dict]) -> str:
     cols = ["model", "label", "trainable_params", "median_step_s", "tokens_per_s", "peak_mem_mb",
-            "train_mem_mb", "adapter_device", "adapter_state_mb", "time_vs_full", "time_vs_peft_lora",
-            "time_vs_lora", "mem_vs_full"]
+            "train_mem_mb", "adapter_device", "adapter_state_mb", "adapter_state_on_device_mb",
+            "time_vs_full", "time_vs_peft_lora", "time_vs_lora", "mem_vs_full", "train_mem_vs_no_gc",
+            "time_vs_no_gc"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = []
@@ -240,6 +367,35 @@ def parse_methods(spec: str, rank: int, targets: list[str] | None = None) -> lis
     return out
 
 
+def with_checkpointing(methods: list[tuple[str, dict]], mode: str) -> list[tuple[str, dict, bool]]:
+    """Each (method, options) once per gradient-checkpointing choice of `mode` (off, on, both)."""
+    return [(method, options, gc) for method, options in methods for gc in GC_MODES[mode]]
+
+
+def _in_this_process(fn, *args):
+    return fn(*args)
+
+
+def measure_model(model_name: str, methods: list[tuple[str, dict, bool]], steps: int, warmup: int,
+                  memory_steps: int, threads: int, setting: Setting, isolated: bool = True) -> list[dict]:
+    """One row per (method, options, gradient checkpointing) on one model: interleaved step
+    times, then each one's memory. `isolated=False` runs all of it in this process: exact on
+    CUDA (allocator figures), but on CPU the resident-memory peak never falls, so there the
+    memory figures only mean something isolated."""
+    call = run_isolated if isolated else _in_this_process
+    print(f"timing {model_name}: {len(methods)} methods stepping in turn ...", flush=True)
+    times = call(interleaved_times, model_name, methods, steps, warmup, threads, setting)
+    rows = []
+    for (method, options, gc), measured in zip(methods, times):
+        print(f"memory of {model_name} / {method} {options or ''}{' +gc' if gc else ''} ...", flush=True)
+        row = call(memory, model_name, method, options, memory_steps, threads, setting, gc)
+        median = statistics.median(measured)
+        rows.append(row | {"median_step_s": median, "min_step_s": min(measured), "step_times": measured,
+                           "tokens_per_s": row["batch"] * row["seq_len"] / median,
+                           "memory_isolated": isolated})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -255,22 +411,32 @@ def main() -> None:
     parser.add_argument("--memory-steps", type=int, default=3,
                         help="steps of the separate run that measures each method's peak memory")
     parser.add_argument("--threads", type=int, default=2)
+    add_setting_arguments(parser)
+    parser.add_argument("--gradient-checkpointing", choices=list(GC_MODES), default="off",
+                        help="off; on: every row with it; both: each method without and with (+gc)")
+    parser.add_argument("--batch", type=int, help="batch size for every model (default: its SHAPES entry)")
+    parser.add_argument("--seq-len", type=int, help="tokens per example for every model")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "step_time.json"))
     args = parser.parse_args()
-    rows = []
-    for model_name in args.models.split(","):
-        methods = parse_methods(args.methods, args.rank, args.targets)
-        print(f"timing {model_name}: {len(methods)} methods stepping in turn ...", flush=True)
-        times = run_isolated(interleaved_times, model_name, methods, args.steps, args.warmup, args.threads)
-        for (method, options), measured in zip(methods, times):
-            print(f"memory of {model_name} / {method} {options or ''} ...", flush=True)
-            row = run_isolated(memory, model_name, method, options, args.memory_steps, args.threads)
-            median = statistics.median(measured)
-            rows.append(row | {"median_step_s": median, "min_step_s": min(measured), "step_times": measured,
-                               "tokens_per_s": row["batch"] * row["seq_len"] / median})
+    setting = Setting(args.device, args.precision, args.batch, args.seq_len, args.architectures)
+    methods = with_checkpointing(parse_methods(args.methods, args.rank, args.targets),
+                                 args.gradient_checkpointing)
+    rows = [row for model_name in args.models.split(",")
+            for row in measure_model(model_name, methods, args.steps, args.warmup, args.memory_steps,
+                                     args.threads, setting)]
     add_ratios(rows)
     print(table(rows))
-    save_json(Path(args.out), rows, steps=args.steps, warmup=args.warmup, threads=args.threads)
+    save_json(Path(args.out), rows, steps=args.steps, warmup=args.warmup, threads=args.threads,
+              setting=asdict(setting))
+
+
+def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
+    """--device, --precision and --architectures, shared with merged_latency.py."""
+    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:<i>")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="bf16: autocast over fp32 weights, as train.precision=bf16")
+    parser.add_argument("--architectures", metavar="DIR",
+                        help="build each model from DIR/<model>/config.json with random weights")
 
 
 def save_json(out: Path, rows: list[dict], **meta) -> None:

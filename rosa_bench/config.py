@@ -100,6 +100,9 @@ class TrainConfig:
     head_lr: float | None = None  # the task head's own learning rate; None: train.lr
     init_from: str | None = None  # run folder whose trained weights this run starts from
     label_smoothing: float = 0.0  # training loss against smoothed targets (LoRA's GPT-2 E2E: 0.1)
+    # recompute each transformer block's activations in the backward instead of keeping them
+    # (transformers' activation checkpointing): less memory, the same gradients, a slower step
+    gradient_checkpointing: bool = False
 
 
     skip_nonfinite: bool = False  # skip (and count) steps with a non-finite loss/gradient instead of stopping

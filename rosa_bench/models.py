@@ -28,6 +28,7 @@ from transformers import (
     GPT2Config,
     LlamaConfig,
     PretrainedConfig,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
     RobertaConfig,
@@ -81,7 +82,7 @@ def load_model(model_cfg: ModelConfig, kind: str,
     if kind == CAUSAL_LM and model_cfg.kind == "encoder":
         raise UserError(f"model {model_cfg.name!r} is an encoder; this task needs a causal model "
                         f"(e.g. smollm2-135m, gpt2, tiny-gpt2, tiny-llama)")
-    model_cls, head = _head(kind, num_labels)
+    model_cls, head = model_class(kind, num_labels)
     loaders = {"hub": _load_hub, "gguf_package": _load_gguf_package, "package": _load_package,
                "tiny": _load_tiny}
     if model_cfg.source not in loaders:
@@ -91,7 +92,26 @@ def load_model(model_cfg: ModelConfig, kind: str,
     return model.eval(), tokenizer, model_cfg.family or model_family(model)
 
 
-def _head(kind: str, num_labels: int | None) -> tuple[Any, dict[str, Any]]:
+def enable_gradient_checkpointing(model: nn.Module, name: str) -> None:
+    """Recompute every transformer block's activations in the backward (transformers' own
+    mechanism, non-reentrant torch.utils.checkpoint): training memory drops to about one
+    block's activations, gradients stay the same, a step costs about one more forward.
+
+    Non-reentrant checkpointing needs no input that requires a gradient, so it works with
+    frozen embeddings, and transformers' hook that makes the embeddings' output require one is
+    removed again: it would add the first block's input-gradient work, which a run without
+    checkpointing does not do. The recorded RNG state is replayed, so dropout draws the same
+    masks. A wrapper (HF PEFT's PeftModel) is searched for the HF model inside it."""
+    hf_model = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    if hf_model is None or not hf_model.supports_gradient_checkpointing:
+        kind = type(hf_model or model).__name__
+        raise UserError(f"model {name!r} ({kind}) does not support gradient checkpointing; "
+                        "set train.gradient_checkpointing=false")
+    hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    hf_model.disable_input_require_grads()
+
+
+def model_class(kind: str, num_labels: int | None) -> tuple[Any, dict[str, Any]]:
     """The Auto class and config kwargs that give the model the task's output head."""
     if kind == CAUSAL_LM:
         return AutoModelForCausalLM, {}

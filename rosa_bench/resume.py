@@ -29,6 +29,7 @@ from rosa_bench.errors import UserError
 # through the data's fingerprint instead).
 NEUTRAL_KEYS = ("output.", "logging.progress", "logging.log_every", "logging.sample_max_new_tokens",
                 "train.num_workers", "train.resume", "train.keep_checkpoints", "train.skip_nonfinite",
+                "train.gradient_checkpointing",
                 "train.eval_batch_size", "dataset.cache", "dataset.num_samples_to_log",
                 "dataset.generation.batch_size", "model.cache_dir")
 BUDGET_KEYS = ("train.max_steps", "train.epochs")

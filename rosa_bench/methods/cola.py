@@ -198,12 +198,17 @@ class AdapterOutput(torch.autograd.Function):
         xa = x.detach().to(site.routing.device, torch.float32)
         with torch.no_grad():
             out = site.routing.mix(site.adapters, xa, users)
-        ctx.site, ctx.users, ctx.xa, ctx.x_dtype = site, users, xa, x.dtype
+        # Saved through autograd, not as a ctx attribute: under gradient checkpointing it is then
+        # dropped after the forward and recomputed for the backward like any activation.
+        ctx.save_for_backward(xa)
+        ctx.site, ctx.users, ctx.x_dtype = site, users, x.dtype
         return out.to(x.device, x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
-        site, xa = ctx.site, ctx.xa
+        """Runs once per real backward: a checkpointed block's recomputed forward builds a
+        graph of its own that is never differentiated, so each (x, grad) pair is captured once."""
+        site, (xa,) = ctx.site, ctx.saved_tensors
         grad_a = grad.detach().to(xa.device, torch.float32)
         site.capture(xa, ctx.users, grad_a)
         dx = None

@@ -26,6 +26,7 @@ from rosa_bench import runs
 from rosa_bench.config import RunConfig
 from rosa_bench.data.task import Task
 from rosa_bench.methods.base import Method, is_head, trainable_parameter_count
+from rosa_bench.models import enable_gradient_checkpointing
 from rosa_bench.train import checkpoint as ckpt
 from rosa_bench.train import distributed
 from rosa_bench.train.evaluation import evaluate_split, generate_samples, sharded_generate
@@ -103,6 +104,8 @@ class Trainer:
         run, acc = self.run, self.accelerator
         train_loader, eval_loaders = self._loaders()
         self.optimizer = torch.optim.AdamW(self._param_groups(), lr=run.train.lr)
+        if run.train.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model, run.model.name)
         self.model = distributed.prepare_model(acc, self.model)
         self.optimizer, train_loader = acc.prepare(self.optimizer, train_loader)
         self.eval_loaders = eval_loaders
