@@ -35,6 +35,8 @@ from tests.test_config import composed
     ("fnmodel.targets=['[']", "'['"),
     ("seed=abc", "seed='abc'"),
     ("seed=1.5", "seed=1.5"),
+    ("seed=-1", "seed=-1"),
+    ("seed=4294967296", "seed=4294967296"),
     ("output.name=../../x", "output.name='../../x'"),
     ("output.name=/tmp/x", "output.name='/tmp/x'"),
     ("output.name=a/b", "output.name='a/b'"),
