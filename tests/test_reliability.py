@@ -63,7 +63,7 @@ def _write_checkpoint(folder: Path, step: int, keep: int = 2) -> None:
     optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1)
     layer(torch.ones(1, 3)).sum().backward()
     optimizer.step()
-    state = {"global_step": step, "epoch": 0, "batches_done": step, "best": {}}
+    state = {"global_step": step, "epoch": 0, "batches_done": step, "best": {}, "nonfinite_skipped": 0}
     ckpt.save_checkpoint(folder / "checkpoints" / "last", dict(layer.state_dict()), state, optimizer,
                          keep=keep)
 
@@ -115,6 +115,41 @@ def test_a_damaged_checkpoint_is_named_and_the_previous_one_is_used(tmp_path, da
     apply(tmp_path / "checkpoints" / "last.1")
     with pytest.raises(ckpt.CheckpointError, match="no usable checkpoint .*delete the run folder"):
         ckpt.find_resumable(tmp_path)
+
+
+def _as_before_checksums(folder: Path) -> None:
+    """Rewrite a checkpoint's state as versions before the checksums wrote it."""
+    state = runs.read_json(folder / ckpt.STATE_FILE)
+    runs.write_json(folder / ckpt.STATE_FILE, {k: v for k, v in state.items()
+                                               if k not in (ckpt.CHECKSUMS, *ckpt.SINCE_CHECKSUMS)})
+
+
+def test_a_checkpoint_from_before_checksums_loads_with_a_warning(tmp_path, caplog):
+    _write_checkpoint(tmp_path, 2)
+    last = tmp_path / "checkpoints" / "last"
+    _as_before_checksums(last)
+    with caplog.at_level(logging.WARNING):
+        assert ckpt.find_resumable(tmp_path) == last
+        assert set(ckpt.load_model_state(last)) == {"weight", "bias"}
+    assert caplog.text.count("predates checksums: its files cannot be verified") == 1
+    # unverified is not unchecked: a missing or unparsable file is still refused
+    (last / ckpt.OPTIMIZER_FILE).unlink()
+    with pytest.raises(ckpt.CheckpointError, match="optimizer.safetensors is missing"):
+        ckpt.check_resumable(last)
+    (last / ckpt.MODEL_FILE).write_bytes((last / ckpt.MODEL_FILE).read_bytes()[:40])
+    with pytest.raises(ckpt.CheckpointError, match="model.safetensors"):
+        ckpt.load_model_state(last)
+
+
+def test_checkpoint_tensors_must_fit_the_model_by_name_and_shape():
+    from rosa_bench.methods.base import copy_checked
+
+    own = {"weight": torch.zeros(2, 3)}
+    with pytest.raises(UserError, match=r"weight \(3,\) \(model \(2, 3\)\)"):
+        copy_checked(own, {"weight": torch.ones(3)})  # copy_ alone would broadcast it
+    assert torch.equal(own["weight"], torch.zeros(2, 3))
+    copy_checked(own, {"weight": torch.ones(2, 3)})
+    assert torch.equal(own["weight"], torch.ones(2, 3))
 
 
 def test_loading_model_weights_verifies_them(tmp_path):

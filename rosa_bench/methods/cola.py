@@ -32,7 +32,7 @@ from torch import nn
 
 from rosa_bench.config import MethodConfig
 from rosa_bench.errors import UserError
-from rosa_bench.methods.base import AdapterLayer, Method, check_choices, layer_shape
+from rosa_bench.methods.base import AdapterLayer, Method, check_choices, copy_checked, layer_shape
 
 COLLAB_MODES = ("alone", "col")
 NONLINEAR = ("fnmodel.adapter={} has a nonlinear (mlp) adapter: it has no weight delta to merge into the "
@@ -379,6 +379,4 @@ class ColA(Method):
         if unknown or missing:
             raise UserError(f"checkpoint does not match this cola model: unknown {unknown[:3]}, "
                             f"missing {missing[:3]}")
-        with torch.no_grad():
-            for key, tensor in state.items():
-                own[key].copy_(tensor)
+        copy_checked(own, state)

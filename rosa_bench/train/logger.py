@@ -88,8 +88,8 @@ class EventFile:
     logged after its last checkpoint), so resumed curves have no duplicate points."""
 
     def __init__(self, folder: Path, purge_step: int | None = None):
-        name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{next(_file_ids)}"
-        self.path = Path(folder) / name
+        stamp = f"{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{next(_file_ids)}"
+        self.path = Path(folder) / f"events.out.tfevents.{stamp}"
         with storage_errors(self.path):
             self._records = RecordWriter(_Descriptor(self.path))
         self.add(Event(wall_time=time.time(), file_version="brain.Event:2"))
