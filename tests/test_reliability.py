@@ -8,6 +8,8 @@ import errno
 import json
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ from rosa_bench import runlock, runs
 from rosa_bench.data.files import read_table
 from rosa_bench.errors import UserError
 from rosa_bench.train import checkpoint as ckpt
-from tests.test_config import composed
+from tests.test_config import ROOT, composed
 
 # ---- values that would silently train something else, and other bad inputs -------------------
 
@@ -47,6 +49,20 @@ def test_values_that_would_train_something_else_are_refused(override, named):
     message = str(err.value)
     assert named in message.replace(".0", ""), message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("train.lrr=1e-3", "unknown option 'train.lrr'; train has: batch_size, "),
+    ("foo=bar", "unknown option 'foo'; the config has: dataset, fnmodel, "),
+    ("train.lr=[", "cannot parse the override 'train.lr=[': "),
+])
+def test_a_typo_hydra_cannot_compose_is_one_line_from_the_cli(tmp_path, override, expected):
+    """Hydra's own composition errors (a misspelt key, bad override syntax) in a real train.py."""
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), override, f"output.path={tmp_path}"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [done.stderr.strip()] and done.stderr.startswith(f"error: {expected}")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_legitimate_edge_values_are_accepted():
