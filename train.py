@@ -11,7 +11,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from rosa_bench.cli import exit_on_user_error, normalize_overrides
+from rosa_bench.cli import exit_on_config_error, exit_on_user_error, normalize_overrides
 from rosa_bench.config import validate
 
 
@@ -25,4 +25,4 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     sys.argv[1:] = exit_on_user_error(normalize_overrides)(sys.argv[1:])
-    main()
+    exit_on_config_error(main)()

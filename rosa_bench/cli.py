@@ -4,6 +4,7 @@ clean exits for user mistakes."""
 from __future__ import annotations
 
 import functools
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -69,5 +70,42 @@ def exit_on_user_error(fn: Callable) -> Callable:
         except RunFailed as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(3)
+
+    return wrapper
+
+
+def config_error_line(err: Exception) -> str:
+    """One line for an override Hydra cannot apply: the unknown key with the keys its section
+    has, or the override it cannot parse."""
+    from hydra.errors import OverrideParseException
+
+    cause = err.__cause__
+    key, parent = getattr(cause, "full_key", None), getattr(cause, "parent_node", None)
+    if key and parent is not None and hasattr(parent, "keys"):
+        section = key.rsplit(".", 1)[0] if "." in key else "the config"
+        return f"unknown option {key!r}; {section} has: {', '.join(sorted(map(str, parent.keys())))}"
+    if isinstance(err, OverrideParseException):
+        return f"cannot parse the override {err.override!r}: {err.message.splitlines()[0]}"
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip()
+                    and not line.strip().startswith(("Config search path", "provider=")))
+
+
+def exit_on_config_error(fn: Callable) -> Callable:
+    """Run a `hydra.main` function so that an override Hydra cannot compose (an unknown key, a
+    typo, bad override syntax) is one line and exit code 2, like every other bad input. Hydra
+    is asked to re-raise its errors (HYDRA_FULL_ERROR) instead of printing them itself; an
+    error that is not about the config then keeps its full traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
+
+        os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+        try:
+            return fn(*args, **kwargs)
+        except (HydraException, OmegaConfBaseException) as err:
+            print(f"error: {config_error_line(err)}", file=sys.stderr)
+            sys.exit(2)
 
     return wrapper

@@ -180,9 +180,14 @@ def _check_finite(where: str, value: float | None) -> None:
         raise UserError(f"{where}={value!r} must be a finite number")
 
 
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding (set_seed) takes 0 .. 2**32 - 1
+
+
 def _seed(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise UserError(f"seed={value!r} must be an integer")
+    if not 0 <= value <= MAX_SEED:
+        raise UserError(f"seed={value!r} must be in [0, {MAX_SEED}]")
     return value
 
 

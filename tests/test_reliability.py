@@ -8,6 +8,8 @@ import errno
 import json
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ from rosa_bench import runlock, runs
 from rosa_bench.data.files import read_table
 from rosa_bench.errors import UserError
 from rosa_bench.train import checkpoint as ckpt
-from tests.test_config import composed
+from tests.test_config import ROOT, composed
 
 # ---- values that would silently train something else, and other bad inputs -------------------
 
@@ -35,6 +37,8 @@ from tests.test_config import composed
     ("fnmodel.targets=['[']", "'['"),
     ("seed=abc", "seed='abc'"),
     ("seed=1.5", "seed=1.5"),
+    ("seed=-1", "seed=-1"),
+    ("seed=4294967296", "seed=4294967296"),
     ("output.name=../../x", "output.name='../../x'"),
     ("output.name=/tmp/x", "output.name='/tmp/x'"),
     ("output.name=a/b", "output.name='a/b'"),
@@ -45,6 +49,20 @@ def test_values_that_would_train_something_else_are_refused(override, named):
     message = str(err.value)
     assert named in message.replace(".0", ""), message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("train.lrr=1e-3", "unknown option 'train.lrr'; train has: batch_size, "),
+    ("foo=bar", "unknown option 'foo'; the config has: dataset, fnmodel, "),
+    ("train.lr=[", "cannot parse the override 'train.lr=[': "),
+])
+def test_a_typo_hydra_cannot_compose_is_one_line_from_the_cli(tmp_path, override, expected):
+    """Hydra's own composition errors (a misspelt key, bad override syntax) in a real train.py."""
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), override, f"output.path={tmp_path}"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [done.stderr.strip()] and done.stderr.startswith(f"error: {expected}")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_legitimate_edge_values_are_accepted():
@@ -61,7 +79,7 @@ def _write_checkpoint(folder: Path, step: int, keep: int = 2) -> None:
     optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1)
     layer(torch.ones(1, 3)).sum().backward()
     optimizer.step()
-    state = {"global_step": step, "epoch": 0, "batches_done": step, "best": {}}
+    state = {"global_step": step, "epoch": 0, "batches_done": step, "best": {}, "nonfinite_skipped": 0}
     ckpt.save_checkpoint(folder / "checkpoints" / "last", dict(layer.state_dict()), state, optimizer,
                          keep=keep)
 
@@ -113,6 +131,41 @@ def test_a_damaged_checkpoint_is_named_and_the_previous_one_is_used(tmp_path, da
     apply(tmp_path / "checkpoints" / "last.1")
     with pytest.raises(ckpt.CheckpointError, match="no usable checkpoint .*delete the run folder"):
         ckpt.find_resumable(tmp_path)
+
+
+def _as_before_checksums(folder: Path) -> None:
+    """Rewrite a checkpoint's state as versions before the checksums wrote it."""
+    state = runs.read_json(folder / ckpt.STATE_FILE)
+    runs.write_json(folder / ckpt.STATE_FILE, {k: v for k, v in state.items()
+                                               if k not in (ckpt.CHECKSUMS, *ckpt.SINCE_CHECKSUMS)})
+
+
+def test_a_checkpoint_from_before_checksums_loads_with_a_warning(tmp_path, caplog):
+    _write_checkpoint(tmp_path, 2)
+    last = tmp_path / "checkpoints" / "last"
+    _as_before_checksums(last)
+    with caplog.at_level(logging.WARNING):
+        assert ckpt.find_resumable(tmp_path) == last
+        assert set(ckpt.load_model_state(last)) == {"weight", "bias"}
+    assert caplog.text.count("predates checksums: its files cannot be verified") == 1
+    # unverified is not unchecked: a missing or unparsable file is still refused
+    (last / ckpt.OPTIMIZER_FILE).unlink()
+    with pytest.raises(ckpt.CheckpointError, match="optimizer.safetensors is missing"):
+        ckpt.check_resumable(last)
+    (last / ckpt.MODEL_FILE).write_bytes((last / ckpt.MODEL_FILE).read_bytes()[:40])
+    with pytest.raises(ckpt.CheckpointError, match="model.safetensors"):
+        ckpt.load_model_state(last)
+
+
+def test_checkpoint_tensors_must_fit_the_model_by_name_and_shape():
+    from rosa_bench.methods.base import copy_checked
+
+    own = {"weight": torch.zeros(2, 3)}
+    with pytest.raises(UserError, match=r"weight \(3,\) \(model \(2, 3\)\)"):
+        copy_checked(own, {"weight": torch.ones(3)})  # copy_ alone would broadcast it
+    assert torch.equal(own["weight"], torch.zeros(2, 3))
+    copy_checked(own, {"weight": torch.ones(2, 3)})
+    assert torch.equal(own["weight"], torch.ones(2, 3))
 
 
 def test_loading_model_weights_verifies_them(tmp_path):

@@ -1,18 +1,21 @@
 """kill -9 at chosen points (mid-step, mid-evaluation, mid-checkpoint-write, mid-epoch), then
 the same command again: the final checkpoint, optimizer state, RNG state and metrics equal an
-uninterrupted run's bit for bit. Each run is a real subprocess of train.py; the fault is
-installed by `main` below (FAULT=<kind>:<n>), so the product code carries no test hooks."""
+uninterrupted run's bit for bit. Each run is a real process running train.py's `__main__`,
+killed for real; the fault is installed by `main` below, so the product code carries no test
+hooks. The processes fork from one forkserver that imported torch, transformers and the
+package once, so the five runs do not pay five interpreter starts."""
 
 from __future__ import annotations
 
 import itertools
+import multiprocessing
 import os
 import runpy
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -71,19 +74,40 @@ def install_fault(spec: str) -> None:
         raise ValueError(spec)
 
 
-def main() -> None:
-    """`python -c 'from tests.test_reliability_kill import main; main()' <overrides>`."""
-    if os.environ.get("FAULT"):
-        install_fault(os.environ["FAULT"])
-    sys.argv[0] = str(ROOT / "train.py")
+def main(fault: str | None, argv: list[str], log: str) -> None:
+    """One `python train.py <argv>` run in this (forked) process, with `fault` installed and
+    its output in `log`."""
+    with open(log, "w") as out:
+        os.dup2(out.fileno(), 1)
+        os.dup2(out.fileno(), 2)
+    if fault:
+        install_fault(fault)
+    sys.argv = [str(ROOT / "train.py"), *argv]
     runpy.run_path(sys.argv[0], run_name="__main__")
 
 
-def train_with_fault(out: Path, fault: str | None) -> int:
-    env = {**os.environ, "FAULT": fault or "", "PYTHONHASHSEED": "0"}
-    cmd = [sys.executable, "-c", "from tests.test_reliability_kill import main; main()",
-           *OVERRIDES, f"output.path={out}"]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600).returncode
+PRELOAD = ["tests.test_reliability_kill", "rosa_bench.pipeline", "rosa_bench.train.loop",
+           "transformers.models.gpt2.modeling_gpt2", "hydra"]
+
+
+@pytest.fixture(scope="module")
+def forkserver():
+    """A multiprocessing context whose processes fork from a server that imported PRELOAD."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    yield context
+
+
+def train_with_fault(context, out: Path, fault: str | None) -> int:
+    """The exit code of one run (negative: killed by that signal); its output is in out/*.log."""
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / f"{len(list(out.glob('*.log')))}-{fault or 'clean'}.log"
+    process = context.Process(target=main, args=(fault, [*OVERRIDES, f"output.path={out}"], str(log)))
+    process.start()
+    process.join(timeout=600)
+    code = process.exitcode
+    process.close()
+    return code
 
 
 def final_state(out: Path) -> dict:
@@ -103,23 +127,28 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         assert torch.equal(a[key], b[key]), key
 
 
-def test_kills_at_every_point_resume_bit_identical(tmp_path):
-    assert train_with_fault(tmp_path / "straight", None) == 0
+def test_kills_at_every_point_resume_bit_identical(tmp_path, forkserver):
+    def train_with(out: Path, fault: str | None) -> int:
+        return train_with_fault(forkserver, out, fault)
+
+    assert train_with(tmp_path / "straight", None) == 0
     straight = final_state(tmp_path / "straight")
 
     killed = tmp_path / "killed"
     # mid-step 7: the last checkpoint (step 6) lies mid-epoch, so the resumed epoch skips 2 batches
-    assert train_with_fault(killed, "step:7") == -signal.SIGKILL
+    assert train_with(killed, "step:7") == -signal.SIGKILL
     state = runs.read_json(killed / "e2e_nlg" / "run" / "checkpoints" / "last" / "state.json")
     assert (state["global_step"], state["batches_done"]) == (6, 2)
     # resumed at 6, killed inside the evaluation at step 9 (the first one is the epoch end, 8)
-    assert train_with_fault(killed, "eval:2") == -signal.SIGKILL
+    assert train_with(killed, "eval:2") == -signal.SIGKILL
     # resumed at 8, killed while writing the step-9 checkpoint: a temporary folder stays behind
-    assert train_with_fault(killed, "ckpt:1") == -signal.SIGKILL
+    assert train_with(killed, "ckpt:1") == -signal.SIGKILL
     checkpoints = killed / "e2e_nlg" / "run" / "checkpoints"
     assert [p.name for p in checkpoints.glob(".last.tmp*")]
     assert runs.read_json(checkpoints / "last" / "state.json")["global_step"] == 8
-    assert train_with_fault(killed, None) == 0
+    assert train_with(killed, None) == 0
+    final_log = sorted(killed.glob("*.log"))[-1].read_text()
+    assert "warning: removed 1 temporary file(s) left in" in final_log  # and said so on stderr
     resumed = final_state(killed)
 
     for key in ("model", "optimizer", "best"):  # optimizer.safetensors holds the RNG states too

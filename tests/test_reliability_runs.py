@@ -4,9 +4,11 @@ run folder behind. The kill -9 cases are in test_reliability_kill.py."""
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from rosa_bench import pipeline, runlock, runs
 from rosa_bench.cli import exit_on_user_error
 from rosa_bench.methods.base import Method
 from rosa_bench.train import checkpoint as ckpt
+from rosa_bench.train import logger as logger_module
 from tests.test_config import composed
 from tests.test_train import tiny_run
 
@@ -253,6 +256,45 @@ def test_an_output_path_under_a_file_is_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     code, _ = cli_train(tmp_path / "file" / "runs")
     assert code == 2 and error_line(capsys).startswith("error: cannot write")
+
+
+def _fails_once_checkpointed(original, error: int, only=lambda *args: True):
+    """`original` raising OSError(`error`) on every call (that `only` picks) once the run has a
+    'last' checkpoint: the disk fills up (or turns read-only) in the middle of the run."""
+
+    def failing(*args, **kwargs):
+        if list(Path(failing.folder).glob("checkpoints/last")) and only(*args):
+            raise OSError(error, os.strerror(error))
+        return original(*args, **kwargs)
+
+    return failing
+
+
+FULL_DISK_AT = {  # what is being written when the disk fills up: (module, attribute, only)
+    "event file": (logger_module._Descriptor, "write", lambda *args: True),
+    "metrics.json": (runs.os, "fsync", lambda *args: True),
+    "checkpoint": (ckpt, "save_file", lambda tensors, path, *rest: path.endswith(ckpt.OPTIMIZER_FILE)),
+}
+
+
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EACCES])
+@pytest.mark.parametrize("where", list(FULL_DISK_AT))
+def test_a_full_disk_anywhere_in_a_run_is_one_line_and_the_rerun_resumes(tmp_path, monkeypatch, capsys,
+                                                                          where, error):
+    owner, name, only = FULL_DISK_AT[where]
+    failing = _fails_once_checkpointed(getattr(owner, name), error, only)
+    failing.folder = tmp_path / "e2e_nlg" / "run"
+    with monkeypatch.context() as m:
+        m.setattr(owner, name, failing)
+        code, folder = cli_train(tmp_path, "train.save_every=2")
+    line = error_line(capsys)
+    assert code == 2 and line.startswith("error: cannot write ") and os.strerror(error) in line, line
+    last = ckpt.find_resumable(folder)  # the previous checkpoint stays whole and verifiable
+    assert last is not None and ckpt.check_resumable(last)["global_step"] >= 2
+    assert cli_train(tmp_path, "train.save_every=2")[0] == 0  # room again: the same command resumes
+    assert runs.read_metrics(folder)["complete"] and "resuming" in capsys.readouterr().out
+    leftovers = [p.name for p in [*folder.glob(".*"), *(folder / "checkpoints").glob(".*")]]
+    assert leftovers == []
 
 
 def test_stray_temporary_files_are_removed_at_the_next_start(tmp_path):

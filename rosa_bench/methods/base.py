@@ -189,6 +189,18 @@ class AdapterLayer(nn.Module):
         return self.base_layer
 
 
+def copy_checked(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
+    """Copy checkpoint tensors into the model's, refusing any whose shape differs: `copy_`
+    would broadcast a damaged or foreign tensor (one of shape [1] fills any weight) silently."""
+    wrong = [f"{k} {tuple(v.shape)} (model {tuple(own[k].shape)})" for k, v in state.items()
+             if v.shape != own[k].shape]
+    if wrong:
+        raise UserError(f"checkpoint tensors do not fit this model: {', '.join(wrong[:3])}")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            own[name].copy_(tensor)
+
+
 class Method:
     """A PEFT method. Subclasses set `name`, `config_class`, `default_targets` and implement
     `make_layer`; hooks are optional."""
@@ -300,9 +312,7 @@ class Method:
         unknown = sorted(set(state) - set(own))
         if unknown:
             raise UserError(f"checkpoint holds tensors this model lacks: {unknown[:5]}")
-        with torch.no_grad():
-            for name, tensor in state.items():
-                own[name].copy_(tensor)
+        copy_checked(own, state)
 
     def optimizer_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         """What the trainer's optimizer steps (and clips). ColA's adapters live outside the

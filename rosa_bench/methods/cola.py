@@ -45,6 +45,7 @@ from rosa_bench.methods.base import (
     AdapterLayer,
     Method,
     check_choices,
+    copy_checked,
     head_linears,
     layer_shape,
     set_submodule,
@@ -451,9 +452,7 @@ class ColA(Method):
         if unknown or missing:
             raise UserError(f"checkpoint does not match this cola model: unknown {unknown[:3]}, "
                             f"missing {missing[:3]}")
-        with torch.no_grad():
-            for key, tensor in state.items():
-                own[key].copy_(tensor)
+        copy_checked(own, state)
 
     def _renamed_old_mlp(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Keys of MLP adapters saved as fc1/fc2 under today's names. Those checkpoints hold

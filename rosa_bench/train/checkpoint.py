@@ -5,7 +5,8 @@ frozen tensors it edits), the optimizer's tensors and hyper-parameters, the LR s
 RNG states and the loop position. It is written into a temporary folder and renamed into
 place, so a kill leaves either the previous checkpoint or the new one, never half of one.
 The state JSON holds a SHA-256 of every tensor file, checked on every load: a damaged
-checkpoint is named and never trusted; a resume falls back to the previous 'last' kept
+checkpoint is named and never trusted (checkpoints older than the checksums load with a
+warning that they are unverified); a resume falls back to the previous 'last' kept
 (`train.keep_checkpoints`) or stops, and never silently starts over.
 """
 
@@ -42,6 +43,7 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
 CHECKSUMS = "files"  # state key: {file name: sha256}
 RESUME_KEYS = ("global_step", "epoch", "batches_done", "best", "optimizer", "rng")
+SINCE_CHECKSUMS = ("nonfinite_skipped",)  # loop-state keys written alongside every checksum table
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +142,19 @@ def save_checkpoint(folder: Path, model_state: dict[str, torch.Tensor], state: d
         raise
 
 
+def _predates_checksums(meta: dict[str, Any]) -> bool:
+    """A state written before checksums existed: no checksum table and none of the keys every
+    state has held since (a current state that lost its table is damaged, not old)."""
+    return CHECKSUMS not in meta and not any(key in meta for key in SINCE_CHECKSUMS)
+
+
+_unverified_warned: set[str] = set()
+
+
 def load_state(folder: Path, verify: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The checkpoint's JSON state, after checking the checksums of the files in `verify`."""
+    """The checkpoint's JSON state, after checking the checksums of the files in `verify`.
+    A checkpoint written before checksums existed is loaded with a warning that its files
+    are unverified; the tensors are still parsed, and matched by name and shape on load."""
     path = Path(folder) / STATE_FILE
     if not path.is_file():
         raise CheckpointError(f"checkpoint {folder} is damaged: {STATE_FILE} is missing")
@@ -149,15 +162,24 @@ def load_state(folder: Path, verify: tuple[str, ...] = ()) -> dict[str, Any]:
         meta = read_json(path)
     except CorruptFile as err:
         raise CheckpointError(f"checkpoint {folder} is damaged: {err}") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get(CHECKSUMS), dict):
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {folder} is damaged: {path} is not a JSON object")
+    checksums = meta.get(CHECKSUMS)
+    if checksums is None and _predates_checksums(meta):
+        if str(folder) not in _unverified_warned:
+            _unverified_warned.add(str(folder))
+            log.warning("checkpoint %s predates checksums: its files cannot be verified", folder)
+        checksums = {}
+    elif not isinstance(checksums, dict):
         raise CheckpointError(f"checkpoint {folder} is damaged: {path} holds no checksums")
+    elif any(name not in checksums for name in verify):
+        absent = next(name for name in verify if name not in checksums)
+        raise CheckpointError(f"checkpoint {folder} is damaged: {path} has no checksum for {absent}")
     for name in verify:
-        if name not in meta[CHECKSUMS]:
-            raise CheckpointError(f"checkpoint {folder} is damaged: {path} has no checksum for {name}")
         file = Path(folder) / name
         if not file.is_file():
             raise CheckpointError(f"checkpoint {folder} is damaged: {file} is missing")
-        if file_digest(file) != meta[CHECKSUMS][name]:
+        if name in checksums and file_digest(file) != checksums[name]:
             raise CheckpointError(f"checkpoint {folder} is damaged: {file} fails its checksum")
     return meta
 
