@@ -22,8 +22,11 @@ from tests.test_methods import FAMILIES, inputs, tiny
 
 # method -> (options, marker of the trainable factors randomized so every update is active)
 METHODS = {"lora": ({}, "lora_"), "rosa": ({}, "rosa_"), "loraxs": ({"r_init_std": 0.1}, "lora_xs_R")}
-# Largest gap allowed, relative to the largest magnitude of the unfused tensor.
-TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-6}
+# Whole models: each tensor's gap (norm) at most this times the unfused tensor's norm. fp32 gets
+# 2e-6: through a whole model fp32 itself strays that far from float64 on either path (GPT-2
+# LoRA-XS with dropout: c_attn's bias gradient 1.0e-6 off on the fused path, the worst tensor
+# 1.03e-6 off on the unfused one); one layer meets 1e-6 of float64 (test_one_layer_...).
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-6}
 FUSED = lowrank._FusedLowRankLinear
 
 
@@ -103,7 +106,7 @@ def test_fused_matches_unfused(family, method, dropout, dtype, count_fused):
     want = forward_backward(unfused, family)
     assert count_fused.calls == len(layers(fused))  # and the unfused model never did
     assert all(t.abs().max() > 0 for t in want.values())  # every compared tensor is active
-    assert_agree(got, want, TOLERANCE[dtype])
+    assert_agree(got, want, TOLERANCE[dtype], norm=True)
     frozen = {n for n, p in fused.named_parameters() if not p.requires_grad}
     assert all(dict(fused.named_parameters())[n].grad is None for n in frozen)
 
