@@ -275,3 +275,10 @@ def test_switching_the_path_does_not_block_a_resume():
     stored = {"fnmodel": {"name": "lora", "fused": "auto", "rank": 8}}
     assert config_differences(stored, {"fnmodel": {"name": "lora", "fused": "off", "rank": 8}}) == []
     assert config_differences(stored, {"fnmodel": {"name": "lora", "fused": "off", "rank": 4}})
+
+
+def test_lora_fused_slices_take_the_unfused_path(count_fused):
+    model = rosa_bench.apply(tiny("gpt2"), "lora", rank=4, fused_slices=[True, False, True])
+    randomize(model, "lora_")
+    forward_backward(model, "gpt2")
+    assert count_fused.calls == 0 and layers(model)
