@@ -80,6 +80,7 @@ class MethodConfig:
     # Protocol options (papers' original code trains more than the method itself):
     train_biases: str = "none"  # none | targets (the adapted layers' biases) | all (every non-head bias)
     train_norms: bool = False  # LayerNorm / RMSNorm weights and biases train too
+    fused: str = "auto"  # auto: low-rank layers take the fused path where it applies | off: never
 
 
 @dataclass
@@ -140,6 +141,7 @@ class RunConfig:
 SCHEDULERS = ("linear", "cosine", "constant")
 PAPER_KEY = "paper"  # a preset's per-task tables, read through interpolation only
 PRECISIONS = ("fp32", "bf16", "fp16")
+FUSED_CHOICES = ("auto", "off")
 RESUME_MODES = ("auto", "force")
 
 
@@ -194,6 +196,7 @@ def _seed(value: Any) -> int:
 def _check_method_common(cfg: MethodConfig) -> None:
     """Options of every method that would silently train something else."""
     _check_finite("fnmodel.alpha", cfg.alpha)
+    _check_choice("fnmodel.fused", cfg.fused, FUSED_CHOICES)
     if cfg.alpha <= 0:
         raise UserError(f"fnmodel.alpha={cfg.alpha!r} must be > 0 (0 makes every update zero)")
     if cfg.targets is None:

@@ -26,12 +26,12 @@ from rosa_bench.data.task import Task
 from rosa_bench.errors import UserError
 
 # Keys that do not change what is trained or how it is scored (the data's path is checked
-# through the data's fingerprint instead).
+# through the data's fingerprint instead; fnmodel.fused changes float rounding only).
 NEUTRAL_KEYS = ("output.", "logging.progress", "logging.log_every", "logging.sample_max_new_tokens",
                 "train.num_workers", "train.resume", "train.keep_checkpoints", "train.skip_nonfinite",
                 "train.gradient_checkpointing",
                 "train.eval_batch_size", "dataset.cache", "dataset.num_samples_to_log",
-                "dataset.generation.batch_size", "model.cache_dir")
+                "dataset.generation.batch_size", "model.cache_dir", "fnmodel.fused")
 BUDGET_KEYS = ("train.max_steps", "train.epochs")
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from rosa_bench.config import MethodConfig
+from rosa_bench.config import FUSED_CHOICES, MethodConfig
 from rosa_bench.errors import UserError, choices_error
 
 if TYPE_CHECKING:
@@ -153,7 +153,10 @@ class AdapterLayer(nn.Module):
     """A frozen Linear/Conv1D plus a method's trainable update: y = base(x) + update(x).
 
     Weights are exposed in Linear orientation (out, in) whatever the base stores, so methods
-    never special-case GPT-2's transposed Conv1D."""
+    never special-case GPT-2's transposed Conv1D. `fused` (fnmodel.fused) lets a layer that has
+    a fused forward/backward take it (methods/lowrank.py); false forces the unfused path."""
+
+    fused: bool = True
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
@@ -225,7 +228,7 @@ class Method:
         """Reject bad method options before any model loads (subclasses extend)."""
         if not isinstance(cfg.rank, int) or isinstance(cfg.rank, bool) or cfg.rank < 1:
             raise UserError(f"fnmodel.rank={cfg.rank!r} must be a positive integer for {cls.name}")
-        check_choices(cfg, train_biases=BIAS_CHOICES)
+        check_choices(cfg, train_biases=BIAS_CHOICES, fused=FUSED_CHOICES)
 
     def target_patterns(self, family: str) -> list[str]:
         if self.cfg.targets is not None:
@@ -258,7 +261,9 @@ class Method:
             self.check_layer(name, model.get_submodule(name))
         model.requires_grad_(False)
         for name in targets:
-            set_submodule(model, name, self.make_layer(name, model.get_submodule(name)))
+            layer = self.make_layer(name, model.get_submodule(name))
+            layer.fused = self.cfg.fused == "auto"
+            set_submodule(model, name, layer)
         self.set_head_trainable(model)
         self.set_protocol_trainable(model)
         attach(model, self)

@@ -19,7 +19,8 @@ from torch import nn
 
 from rosa_bench.config import MethodConfig
 from rosa_bench.errors import UserError
-from rosa_bench.methods.base import AdapterLayer, Method, layer_shape
+from rosa_bench.methods.base import Method, layer_shape
+from rosa_bench.methods.lowrank import LowRankLayer
 
 
 @dataclass
@@ -30,10 +31,13 @@ class LoraConfig(MethodConfig):
     fused_slices: list[bool] | None = None
 
 
-class LoraLayer(AdapterLayer):
+class LoraLayer(LowRankLayer):
+    """Without slices the shared low-rank chain A, B (fused path included); with slices its own
+    per-slice update, which always takes the unfused path."""
+
     def __init__(self, base_layer: nn.Module, rank: int, alpha: float, dropout: float,
                  slices: list[bool] | None = None):
-        super().__init__(base_layer)
+        super().__init__(base_layer, alpha / rank, dropout)
         w = self.weight
         self.slices = list(slices) if slices else None
         pairs = sum(self.slices) if self.slices else 1
@@ -45,8 +49,12 @@ class LoraLayer(AdapterLayer):
         self.lora_B = nn.Parameter(torch.zeros(pairs * self.slice_out, rank, dtype=w.dtype, device=w.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.rank = rank
-        self.scaling = alpha / rank
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def factors(self) -> tuple[torch.Tensor, ...]:
+        return self.lora_A, self.lora_B
+
+    def fused_applies(self, x: torch.Tensor) -> bool:
+        return self.slices is None and super().fused_applies(x)
 
     def _place(self, on_slices: torch.Tensor) -> torch.Tensor:
         """(..., pairs, slice_out) -> (..., out) with zeros on the slices that have no pair."""
@@ -55,17 +63,16 @@ class LoraLayer(AdapterLayer):
         return full.index_copy(-2, index, on_slices).flatten(-2)
 
     def update(self, x: torch.Tensor) -> torch.Tensor:
-        # Scale the rank-r intermediate, not the (tokens, out) result: same math, r/out the work.
-        hidden = F.linear(self.dropout(x), self.lora_A) * self.scaling
         if self.slices is None:
-            return F.linear(hidden, self.lora_B)
+            return super().update(x)
+        hidden = F.linear(self.dropout(x), self.lora_A) * self.scaling
         hidden = hidden.unflatten(-1, (-1, self.rank))  # (..., pairs, r)
         b = self.lora_B.unflatten(0, (-1, self.slice_out))  # (pairs, slice_out, r)
         return self._place(torch.einsum("...pr,por->...po", hidden, b))
 
     def delta_weight(self) -> torch.Tensor:
         if self.slices is None:
-            return (self.lora_B @ self.lora_A) * self.scaling
+            return super().delta_weight()
         a = self.lora_A.unflatten(0, (-1, self.rank))  # (pairs, r, in)
         b = self.lora_B.unflatten(0, (-1, self.slice_out))  # (pairs, slice_out, r)
         return self._place((b @ a).permute(2, 0, 1)).T * self.scaling  # (in, pairs, so) -> (out, in)

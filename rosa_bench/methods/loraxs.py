@@ -13,12 +13,12 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rosa_bench.config import MethodConfig
 from rosa_bench.errors import UserError
-from rosa_bench.methods.base import ALL_PROJECTIONS, AdapterLayer, Method, check_choices, truncated_svd
+from rosa_bench.methods.base import ALL_PROJECTIONS, Method, check_choices, truncated_svd
+from rosa_bench.methods.lowrank import LowRankLayer
 
 INITS = ("svd", "random")
 SVD_KINDS = ("exact", "randomized")
@@ -50,25 +50,20 @@ def frozen_factors(weight: torch.Tensor, rank: int, cfg: LoraXSConfig) -> tuple[
     return b.to(weight.dtype).contiguous(), a.to(weight.dtype).contiguous()
 
 
-class LoraXSLayer(AdapterLayer):
+class LoraXSLayer(LowRankLayer):
+    """Three thin factors (in -> r -> r -> out), only the r x r R trainable: the chain never
+    forms an r x in or out x r weight gradient."""
+
     def __init__(self, base_layer: nn.Module, rank: int, cfg: LoraXSConfig):
-        super().__init__(base_layer)
+        super().__init__(base_layer, cfg.alpha / rank, cfg.dropout)
         b, a = frozen_factors(self.weight, rank, cfg)
         self.register_buffer("lora_xs_B", b)
         self.register_buffer("lora_xs_A", a)
         self.lora_xs_R = nn.Parameter(torch.empty(rank, rank, dtype=b.dtype, device=b.device))
         nn.init.normal_(self.lora_xs_R, std=cfg.r_init_std)
-        self.scaling = cfg.alpha / rank
-        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
-    def update(self, x: torch.Tensor) -> torch.Tensor:
-        # Three thin products (in -> r -> r -> out): no r x in or out x r weight gradient. The
-        # scale goes on the rank-r intermediate, not on the (tokens, out) result.
-        h = F.linear(F.linear(self.dropout(x), self.lora_xs_A), self.lora_xs_R) * self.scaling
-        return F.linear(h, self.lora_xs_B)
-
-    def delta_weight(self) -> torch.Tensor:
-        return (self.lora_xs_B @ self.lora_xs_R @ self.lora_xs_A) * self.scaling
+    def factors(self) -> tuple[torch.Tensor, ...]:
+        return self.lora_xs_A, self.lora_xs_R, self.lora_xs_B
 
 
 class LoraXS(Method):

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from rosa_bench.config import MethodConfig
+from rosa_bench.config import FUSED_CHOICES, MethodConfig
 from rosa_bench.errors import UserError
-from rosa_bench.methods.base import BIAS_CHOICES, AdapterLayer, Method, check_choices, layer_shape
+from rosa_bench.methods.base import BIAS_CHOICES, Method, check_choices, layer_shape
+from rosa_bench.methods.lowrank import LowRankLayer
 
 if TYPE_CHECKING:
     from rosa_bench.train.loop import Trainer
@@ -60,23 +60,19 @@ def pick_directions(how: str, rank: int, full: int, generator: torch.Generator,
     return torch.arange(start, start + rank)
 
 
-class RosaLayer(AdapterLayer):
-    """y = W_res x + B A x, where W_res + B A is the layer's current full weight."""
+class RosaLayer(LowRankLayer):
+    """y = W_res x + B A x, where W_res + B A is the layer's current full weight (no scale)."""
 
     def __init__(self, base_layer: nn.Module, rank: int, dropout: float):
-        super().__init__(base_layer)
+        super().__init__(base_layer, 1.0, dropout)
         w = self.weight
         self.rank = rank
         # Zero until the first factorize(): the wrapped layer starts as the plain layer.
         self.rosa_A = nn.Parameter(torch.zeros(rank, self.in_features, dtype=w.dtype, device=w.device))
         self.rosa_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=w.dtype, device=w.device))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-    def update(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(self.dropout(x), self.rosa_A), self.rosa_B)
-
-    def delta_weight(self) -> torch.Tensor:
-        return self.rosa_B @ self.rosa_A
+    def factors(self) -> tuple[torch.Tensor, ...]:
+        return self.rosa_A, self.rosa_B
 
     @torch.no_grad()
     def factorize(self, cfg: RosaConfig, generator: torch.Generator) -> None:
@@ -131,7 +127,7 @@ class ROSA(Method):
                             "(a fraction of each layer's full rank) for rosa")
         check_choices(cfg, sample_method=SAMPLE_METHODS, factorize_method=FACTORIZE_METHODS,
                       factorize_level=FACTORIZE_LEVELS, reset_optimizer=RESET_SCOPES,
-                      singular_values=SINGULAR_SPLITS, train_biases=BIAS_CHOICES)
+                      singular_values=SINGULAR_SPLITS, train_biases=BIAS_CHOICES, fused=FUSED_CHOICES)
         freq = cfg.factorize_freq
         if not isinstance(freq, int) or isinstance(freq, bool) or freq < 0:
             raise UserError(f"fnmodel.factorize_freq={freq!r} must be an integer >= 0 (0: never resample)")
