@@ -71,7 +71,8 @@ class _FusedLowRankLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # noqa: ANN205
         k = len(ctx.factor_needs)
-        weight, factors, kept = ctx.saved_tensors[0], ctx.saved_tensors[1:k + 1], ctx.saved_tensors[k + 1:]
+        saved = ctx.saved_tensors  # once: activation checkpointing allows each unpack only once
+        weight, factors, kept = saved[0], saved[1:k + 1], saved[k + 1:]
         grad = grad_out.reshape(-1, grad_out.shape[-1])
         need_x, need_adapter_in = ctx.input_needs
         adapter_in_needed = need_adapter_in if ctx.adapter_separate else need_x
