@@ -752,5 +752,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("ROSA_BENCH_DATA", str(ROOT.parent / "shared" / "data"))
+    # Relative to the working directory, so that committed run records name the documented
+    # location beside the project root ("../shared/data") rather than this machine's path.
+    os.environ.setdefault("ROSA_BENCH_DATA", os.path.relpath(ROOT.parent / "shared" / "data"))
     sys.exit(main(sys.argv[1:]))
