@@ -175,14 +175,15 @@ class Bench:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def step(self) -> float:
-        """One training step; returns its wall time in seconds."""
+    def step(self, saved: AbstractContextManager | None = None) -> float:
+        """One training step; returns its wall time in seconds. `saved` wraps the forward (a
+        saved-tensors hook context: `saved_activation_mb`)."""
         import torch
 
         self._sync()
         start = time.perf_counter()
         mask = torch.ones_like(self.ids)
-        with self.setting.autocast():
+        with self.setting.autocast(), saved or nullcontext():
             loss = self.model(input_ids=self.ids, attention_mask=mask, labels=self.labels).loss
         loss.backward()
         if self.adapter is not None:
@@ -192,6 +193,29 @@ class Bench:
             self.optimizer.zero_grad(set_to_none=True)
         self._sync()
         return time.perf_counter() - start
+
+    def saved_activation_mb(self) -> float | None:
+        """What autograd keeps from one step's forward for its backward, the model's own
+        parameters and buffers aside: each storage counted once (q, k and v share one saved
+        input). Exact where resident memory is noisy; it is the part of the training memory that
+        a method's backward needs. None with gradient checkpointing, whose own saved-tensor
+        hooks hide what each block keeps."""
+        import torch
+
+        if self.checkpointing:
+            return None
+        own = {t.untyped_storage().data_ptr() for t in (*self.model.parameters(), *self.model.buffers(),
+                                                        *self.params)}
+        sizes: dict[int, int] = {}
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in own:
+                sizes[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        self.step(torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor))
+        return sum(sizes.values()) / 2**20
 
     def describe(self) -> dict:
         """What was trained, and what its trained state takes (after some steps)."""
@@ -240,7 +264,7 @@ def memory(model_name: str, method: str, options: dict, steps: int, threads: int
         bench.step()
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _rss_mb()
     return bench.describe() | {"peak_mem_mb": peak, "loaded_mem_mb": loaded_mb,
-                               "train_mem_mb": peak - loaded_mb}
+                               "train_mem_mb": peak - loaded_mb, "saved_mb": bench.saved_activation_mb()}
 
 
 def interleaved_times(model_name: str, methods: list[tuple], steps: int, warmup: int, threads: int,
@@ -328,10 +352,12 @@ def label(method: str, options: dict) -> str:
 def add_ratios(rows: list[dict]) -> None:
     for row in rows:
         same_model = {r["label"]: r for r in rows if r["model"] == row["model"]}
-        for ref in ("full", "peft_lora", "lora"):
+        for ref in ("full", "peft_lora", "lora", FLOOR):
             if ref in same_model:
                 row[f"time_vs_{ref}"] = row["median_step_s"] / same_model[ref]["median_step_s"]
                 row[f"mem_vs_{ref}"] = row["train_mem_mb"] / max(same_model[ref]["train_mem_mb"], 1e-9)
+                if row.get("saved_mb") is not None and same_model[ref].get("saved_mb"):
+                    row[f"saved_vs_{ref}"] = row["saved_mb"] / same_model[ref]["saved_mb"]
         plain = same_model.get(row["label"].removesuffix("+gc"))
         if row.get("gradient_checkpointing") and plain is not None:
             row["train_mem_vs_no_gc"] = row["train_mem_mb"] / max(plain["train_mem_mb"], 1e-9)
@@ -340,9 +366,9 @@ def add_ratios(rows: list[dict]) -> None:
 
 def table(rows: list[dict]) -> str:
     cols = ["model", "label", "trainable_params", "median_step_s", "tokens_per_s", "peak_mem_mb",
-            "train_mem_mb", "adapter_device", "adapter_state_mb", "adapter_state_on_device_mb",
-            "time_vs_full", "time_vs_peft_lora", "time_vs_lora", "mem_vs_full", "train_mem_vs_no_gc",
-            "time_vs_no_gc"]
+            "train_mem_mb", "saved_mb", "adapter_device", "adapter_state_mb", "adapter_state_on_device_mb",
+            "time_vs_full", "time_vs_peft_lora", "time_vs_lora", "time_vs_floor", "mem_vs_full",
+            "mem_vs_floor", "saved_vs_floor", "train_mem_vs_no_gc", "time_vs_no_gc"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = []

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.step_time import apply_floor, load_bench_model, run_isolated
+from benchmarks.step_time import Bench, apply_floor, load_bench_model, run_isolated
 from tests.test_methods import inputs, tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,3 +89,18 @@ def test_device_check_quick_mode_runs_on_cpu_and_writes_every_methods_json(tmp_p
     assert [(r["model"], r["adapter_params_device"]) for r in cola] == [
         (m, "cpu") for m in ("tiny-llama", "tiny-llama", "tiny-bert", "tiny-bert")]
     assert (tmp_path / "device_check.log").is_file()
+
+
+@pytest.mark.parametrize("method", ["lora", "rosa", "loraxs"])
+def test_low_rank_methods_save_for_backward_exactly_what_their_factor_gradients_need(method):
+    """Over the floor, LoRA and ROSA keep the adapted layers' inputs (query and value share
+    theirs: one per block) and each layer's (rank, tokens) intermediate; LoRA-XS, whose first
+    factor is frozen, only the intermediates. Nothing else: no (tokens, out) update, no copy."""
+    targets = {"rank": 2, "targets": ["query", "value"]}
+    floor, adapted = (Bench("tiny-bert", name, targets) for name in ("floor", method))
+    tokens, hidden = floor.ids.numel(), floor.model.config.hidden_size
+    layers = floor.model.config.num_hidden_layers
+    inputs_kept = 0 if method == "loraxs" else layers * tokens * hidden
+    intermediates = 2 * layers * 2 * tokens  # two adapted layers per block, rank 2
+    extra = (adapted.saved_activation_mb() - floor.saved_activation_mb()) * 2**20
+    assert extra == 4 * (inputs_kept + intermediates)

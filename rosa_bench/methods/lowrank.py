@@ -46,6 +46,14 @@ class _FusedLowRankLinear(torch.autograd.Function):
     def forward(ctx, x, adapter_in, weight, bias, scaling, *factors):  # noqa: ANN001 (autograd API)
         flat = x.reshape(-1, x.shape[-1])
         flat_in = flat if adapter_in is None else adapter_in.reshape(flat.shape)
+        needs = ctx.needs_input_grad
+        factor_needs = needs[_FIRST_FACTOR:]
+        # hidden[i]: the input of factor i, for i > 0 a (tokens, in_i) view of a (in_i, tokens)
+        # product: computed with its rank-sized side as the rows, where MKL is fast (it is up to
+        # 40x slower at (tokens, n) @ (n, r); measured 1.7x here on minilm-l6's layers).
+        hidden = [flat_in]
+        for factor in factors[:-1]:
+            hidden.append(torch.mm(factor, hidden[-1].T).T)
         # Allocated in its final shape, so the output is no view (in-place use downstream is fine).
         out = flat.new_empty(*x.shape[:-1], weight.shape[0])
         out_flat = out.view(-1, weight.shape[0])
@@ -53,18 +61,14 @@ class _FusedLowRankLinear(torch.autograd.Function):
             torch.mm(flat, weight.T, out=out_flat)
         else:
             torch.addmm(bias, flat, weight.T, out=out_flat)
-        hidden = [flat_in]  # hidden[i]: the input of factor i
-        for factor in factors[:-1]:
-            hidden.append(hidden[-1] @ factor.T)
         out_flat.addmm_(hidden[-1], factors[-1].T, alpha=scaling)
 
-        needs = ctx.needs_input_grad
         ctx.scaling, ctx.adapter_separate = scaling, adapter_in is not None
-        ctx.factor_needs = needs[_FIRST_FACTOR:]
+        ctx.factor_needs = factor_needs
         ctx.input_needs = needs[0], needs[1]
         ctx.bias_needs = needs[3]
         # Only a trainable factor's input is kept: LoRA-XS keeps its rank-r intermediate, not x.
-        kept = [h if need else None for h, need in zip(hidden, ctx.factor_needs, strict=True)]
+        kept = [h if need else None for h, need in zip(hidden, factor_needs, strict=True)]
         ctx.save_for_backward(weight, *factors, *kept)
         return out
 
