@@ -250,8 +250,8 @@ def grid_rates(preset: Preset, out: Path, method: MethodSpec) -> tuple[list[floa
     on an edge: a best rate at the grid's edge says only that the optimum lies beyond it. The
     choice is over every finished grid run of the method (earlier grids' included). Every GLUE
     selection metric is higher-is-better; ties go to the smaller rate."""
-    rates = sorted(preset.grid(method.key))
-    for widened in range(preset.grid_widen + 1):
+    rates, widened = sorted(preset.grid(method.key)), 0
+    while True:
         tried = sorted(set(rates) | set(finished_grid_rates(preset, out, method)))
         jobs = [make_job(preset, out, "lr_grid", preset.glue_tasks[0], method, lr, preset.seeds[0])
                 for lr in tried]
@@ -268,7 +268,7 @@ def grid_rates(preset: Preset, out: Path, method: MethodSpec) -> tuple[list[floa
             rates.append(next_rate(rates[-1], up=True))
         else:
             rates.insert(0, next_rate(rates[0], up=False))
-    return rates, None  # unreachable: the loop returns at its last pass
+        widened += 1
 
 
 def chosen_lrs(preset: Preset, out: Path) -> dict[str, float | None]:

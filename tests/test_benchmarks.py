@@ -104,3 +104,11 @@ def test_low_rank_methods_save_for_backward_exactly_what_their_factor_gradients_
     intermediates = 2 * layers * 2 * tokens  # two adapted layers per block, rank 2
     extra = (adapted.saved_activation_mb() - floor.saved_activation_mb()) * 2**20
     assert extra == 4 * (inputs_kept + intermediates)
+
+
+def test_layer_benchmark_times_every_variant_of_a_small_layer():
+    from benchmarks.lowrank_layer import measure
+
+    row = measure(16, 24, 32, 2, rounds=2, warmup=1)
+    assert all(row[f"{name}_ms"] > 0 for name in ("floor", "fused", "thin"))
+    assert row["bound_vs_floor"] > 1
