@@ -57,7 +57,13 @@ def config_differences(stored: dict[str, Any], new: dict[str, Any]) -> list[tupl
     side knows (options added or removed since the run started) are not compared."""
     old, now = _flatten(stored), _flatten(new)
     return [(k, old[k], now[k]) for k in sorted(old.keys() & now.keys())
-            if old[k] != now[k] and not k.startswith(NEUTRAL_KEYS)]
+            if old[k] != now[k] and not is_neutral(k)]
+
+
+def is_neutral(key: str) -> bool:
+    """`key` is in NEUTRAL_KEYS, or under one of its sections (entries ending in '.'). Exact
+    otherwise: as a prefix, `fnmodel.fused` would also let `fnmodel.fused_slices` change."""
+    return any(key == n or (n.endswith(".") and key.startswith(n)) for n in NEUTRAL_KEYS)
 
 
 def may_continue(folder: Path, run: RunConfig) -> bool:

@@ -53,7 +53,8 @@ class CorruptFile(UserError):
 # Overrides that do not change what is trained, or are already in the folder path.
 _NAME_SKIP_PREFIXES = ("dataset.cache", "dataset.name", "dataset.task", "dataset=", "fnmodel=",
                        "fnmodel.name", "model=", "model.name", "output.", "logging.progress",
-                       "hydra.", "hydra/", "train.num_workers", "train.gradient_checkpointing")
+                       "hydra.", "hydra/", "train.num_workers", "train.gradient_checkpointing",
+                       "fnmodel.fused=")  # '=': fnmodel.fused_slices changes what is trained
 _MAX_NAME = 160
 
 

@@ -277,6 +277,22 @@ def test_switching_the_path_does_not_block_a_resume():
     assert config_differences(stored, {"fnmodel": {"name": "lora", "fused": "off", "rank": 4}})
 
 
+def test_switching_the_path_keeps_the_run_folder_but_fused_slices_do_not():
+    """`fnmodel.fused` is neutral by its exact name: `fnmodel.fused_slices`, which it prefixes,
+    changes what trains, so it blocks a resume and names its own folder."""
+    from rosa_bench import runs
+    from rosa_bench.resume import config_differences
+
+    stored = {"fnmodel": {"name": "lora", "fused": "auto", "fused_slices": [True, False]}}
+    swapped = {"fnmodel": {"name": "lora", "fused": "off", "fused_slices": [False, True]}}
+    assert config_differences(stored, swapped) == [("fnmodel.fused_slices", [True, False], [False, True])]
+    run = composed(["model=tiny-gpt2", "fnmodel=lora"])
+    plain = runs.run_name(run, ["fnmodel=lora"])
+    assert runs.run_name(run, ["fnmodel=lora", "fnmodel.fused=off"]) == plain
+    assert runs.run_name(run, ["fnmodel=lora", "+fnmodel.fused=off"]) == plain
+    assert runs.run_name(run, ["fnmodel=lora", "fnmodel.fused_slices=[true,false,true]"]) != plain
+
+
 def test_lora_fused_slices_take_the_unfused_path(count_fused):
     model = rosa_bench.apply(tiny("gpt2"), "lora", rank=4, fused_slices=[True, False, True])
     randomize(model, "lora_")
