@@ -39,11 +39,12 @@ import statistics
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from queue import Empty
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -285,7 +286,7 @@ def interleaved_times(model_name: str, methods: list[tuple], steps: int, warmup:
     return times
 
 
-def apply_floor(model, patterns: list[str]) -> list:
+def apply_floor(model: torch.nn.Module, patterns: list[str]) -> list[torch.nn.Parameter]:
     """Freeze the backbone and make the target layers' outputs require a gradient: backward
     then runs exactly as deep and wide as it must for any adapter on those layers, with no
     adapter work at all. Its step time is the lower bound of every method on these targets.
@@ -304,14 +305,14 @@ def apply_floor(model, patterns: list[str]) -> list:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _child(queue: mp.Queue, fn, *args) -> None:
+def _child(queue: mp.Queue, fn: Callable[..., Any], *args: Any) -> None:
     try:
         queue.put((True, fn(*args)))
     except Exception:
         queue.put((False, traceback.format_exc()))
 
 
-def run_isolated(fn, *args):
+def run_isolated(fn: Callable[..., Any], *args: Any) -> Any:
     """fn(*args) in a fresh child process, so its memory peak and threads are its own. A child
     that raises, or dies (killed for memory), raises here instead of leaving the parent waiting."""
     ctx = mp.get_context("spawn")
@@ -398,7 +399,7 @@ def with_checkpointing(methods: list[tuple[str, dict]], mode: str) -> list[tuple
     return [(method, options, gc) for method, options in methods for gc in GC_MODES[mode]]
 
 
-def _in_this_process(fn, *args):
+def _in_this_process(fn: Callable[..., Any], *args: Any) -> Any:
     return fn(*args)
 
 
