@@ -111,4 +111,7 @@ def test_layer_benchmark_times_every_variant_of_a_small_layer():
 
     row = measure(16, 24, 32, 2, rounds=2, warmup=1)
     assert all(row[f"{name}_ms"] > 0 for name in ("floor", "lora", "thin_lora", "loraxs", "thin_loraxs"))
-    assert row["lora_bound_vs_floor"] > 1 and row["loraxs_bound_vs_floor"] > 1
+    for method in ("lora", "loraxs"):
+        assert row[f"{method}_vs_floor"] == row[f"{method}_ms"] / row["floor_ms"]
+        bound = (row["floor_ms"] + row[f"thin_{method}_ms"]) / row["floor_ms"]
+        assert row[f"{method}_bound_vs_floor"] == bound

@@ -105,6 +105,9 @@ def train_with_fault(context, out: Path, fault: str | None) -> int:
     process = context.Process(target=main, args=(fault, [*OVERRIDES, f"output.path={out}"], str(log)))
     process.start()
     process.join(timeout=600)
+    if process.is_alive():  # hung: kill it, so that close() works and no child is left behind
+        process.kill()
+        process.join()
     code = process.exitcode
     process.close()
     return code
