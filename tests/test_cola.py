@@ -422,3 +422,66 @@ def test_trainer_fits_each_users_adapters_on_dolly(tmp_path, collab):
     result = evaluate_run(folder, "validation", "last", max_samples=4, progress=False)
     assert {"rouge1", "rouge2", "rougeL", "loss"} <= set(result["scores"]) and result["metric"] == "rouge"
     assert all((folder / name).is_file() for name in result["files"].values())
+
+
+def adamw_steps(model: nn.Module, params: list[nn.Parameter], batches: list[dict], interval: int,
+                before_step=None) -> None:
+    """AdamW steps as the trainer takes them; `before_step` is ColA's hook (None: plain autograd,
+    whose gradients then accumulate over the interval and are stepped at its end)."""
+    opt = torch.optim.AdamW(params, lr=0.01)
+    for i, b in enumerate(batches, start=1):
+        model(**b).loss.backward()
+        if before_step is not None:
+            before_step()
+        if before_step is not None or i % interval == 0:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("adapter, interval, checkpointing", [
+    ("lowrank", 1, False), ("lowrank", 2, False), ("lowrank", 1, True), ("linear", 1, False),
+    ("mlp", 2, False)])
+def test_several_adamw_steps_match_plain_autograd(monkeypatch, adapter, interval, checkpointing):
+    """Gradients computed in the backward that captures them (by hand in LowRankCapture for a
+    one-user low-rank site, by autograd per pair otherwise) and added into .grad at the fit leave
+    the same adapters, after several AdamW steps, as plain autograd with the adapters in the graph."""
+    from rosa_bench.methods.cola import AdapterOutput, LowRankCapture
+    from rosa_bench.models import enable_gradient_checkpointing
+
+    model = cola("llama", layers=3, adapter=adapter, interval=interval)
+    randomize(model)
+    start = adapter_weights(model)
+    ref, ref_params = in_graph_copy(model)
+    if checkpointing:
+        enable_gradient_checkpointing(model, "tiny-llama")
+    calls = {LowRankCapture: 0, AdapterOutput: 0}
+
+    def counted(fn, apply, *args):
+        calls[fn] += 1
+        return apply(*args)
+
+    for fn in calls:
+        monkeypatch.setattr(fn, "apply", partial(counted, fn, fn.apply))
+    batches = [batch(s) for s in range(20, 26)]
+    method = attached_method(model)
+    adamw_steps(model, method.optimizer_parameters(model), batches, interval, method.before_optimizer_step)
+    adamw_steps(ref, ref_params, batches, interval)
+    paths = (LowRankCapture, AdapterOutput)
+    taken, avoided = paths if adapter == "lowrank" else paths[::-1]
+    assert calls[taken] > 0 and calls[avoided] == 0
+    ours = adapter_weights(model)
+    assert all((w - s).abs().max() > 1e-3 for w, s in zip(ours, start))
+    for w, p in zip(ours, ref_params, strict=True):
+        torch.testing.assert_close(w, p.detach(), atol=1e-6, rtol=0)
+
+
+def test_the_low_rank_shortcut_leaves_autocast_and_other_devices_to_the_general_path():
+    """LowRankCapture does no dtype or device conversion: under autocast, or for an input off
+    the adapters' device or dtype, the site takes AdapterOutput's converting path."""
+    site = layers(cola("llama", adapter="lowrank"))[0].site
+    x = torch.ones(2, 3, site.adapters[0].A.shape[1])
+    assert site._lowrank_applies(x)
+    assert not site._lowrank_applies(x.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not site._lowrank_applies(x)
+    assert not layers(cola("llama", adapter="lowrank", users=2))[0].site.lowrank

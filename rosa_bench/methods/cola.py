@@ -19,6 +19,14 @@ Relation to ordinary backprop (tested in tests/test_cola.py at every step, not j
   K * d/d(theta_k) of the loss restricted to user k's examples (the other examples' terms of the
   batch loss dropped, its normaliser kept), not backprop's gradient of the whole batch loss.
 
+Cost: each captured (x, dL/d(alpha g)) pair is turned into the adapters' gradients in the
+backward that produced it, not kept until the fit. The gradient needs nothing but the pair and the
+adapters' weights, which do not move inside an interval, so the numbers are the same; the pair's
+activations are freed at once and no second forward runs at fit time. A one-user low-rank site
+(the common case) does it in `LowRankCapture`: the forward keeps only x and the rank-r A x, the
+backward computes dx, dA, dB with LoRA's arithmetic in the thin (rank, tokens) form. `Site.fit`
+then only adds the buffered gradients into `.grad`.
+
 `fnmodel.head_adapter=linear_bias` reproduces the original's RoBERTa GLUE runs
 (diaoenmao/ColA-..., src/module/peft/utils/other.py targets `classifier.dense` and
 `classifier.out_proj`; src/model/cola.py `make_cola_model` gives every user a zero-initialised
@@ -218,18 +226,57 @@ class AdapterOutput(torch.autograd.Function):
         return dx, None, None, None
 
 
+class LowRankCapture(torch.autograd.Function):
+    """`AdapterOutput` and the capture for a one-user low-rank site, by hand: alpha * B A x in
+    the forward; in the backward, with G = dL/d(alpha g), dx = alpha G B A and the fitted
+    gradients dB = alpha G^T (A x), dA = alpha (G B)^T x, exactly what autograd through
+    `AdapterOutput.backward` and `Site.capture` gives. Only x (the layer's input, no copy) and the
+    rank-r A x are saved; every thin product keeps its rank-sized side as the result's rows or
+    as the shared dimension, the forms MKL is fast at."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, anchor: torch.Tensor, site: Site) -> torch.Tensor:
+        adapter = site.adapters[0]
+        flat = x.detach().reshape(-1, x.shape[-1])
+        hidden = torch.mm(flat, adapter.A.detach().T)  # (tokens, r)
+        out = torch.mm(hidden * site.routing.alpha, adapter.B.detach().T)
+        ctx.save_for_backward(flat, hidden)
+        ctx.site = site
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        """Runs once per real backward (see `AdapterOutput.backward`)."""
+        flat, hidden = ctx.saved_tensors
+        site, alpha = ctx.site, ctx.site.routing.alpha
+        adapter = site.adapters[0]
+        grad_flat = grad.detach().reshape(-1, grad.shape[-1])
+        grad_b = torch.mm(hidden.T, grad_flat).mul_(alpha).T.contiguous()  # (out, r)
+        grad_hidden_t = torch.mm(adapter.B.detach().T, grad_flat.T).mul_(alpha)  # (r, tokens)
+        grad_a = torch.mm(grad_hidden_t, flat)  # (r, in)
+        site.pairs.append([grad_a, grad_b])
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.mm(grad_hidden_t.T, adapter.A.detach()).view(*grad.shape[:-1], flat.shape[-1])
+        return dx, None, None
+
+
 class Site:
-    """One adapted layer's per-user adapters and the (input, user ids, output gradient) triples
-    captured since the last fit. A plain object, not a Module, so moving the backbone never
-    moves the adapters and the backbone's parameters never include them."""
+    """One adapted layer's per-user adapters and the adapters' gradients from each (input, user
+    ids, output gradient) triple captured since the last fit. A plain object, not a Module, so
+    moving the backbone never moves the adapters and the backbone's parameters never include
+    them."""
 
     def __init__(self, adapters: nn.ModuleList, routing: Routing):
         self.adapters = adapters
         self.routing = routing
+        self.params = list(adapters.parameters())
         # AdapterOutput's output needs a grad-requiring input even where x has none (the first
         # adapted layer of a frozen backbone), or its backward, and so the capture, never runs.
         self._anchor = torch.empty(0, requires_grad=True)
-        self.pairs: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
+        # One entry per captured backward: a gradient (or None) for each of `params`.
+        self.pairs: list[list[torch.Tensor | None]] = []
+        self.lowrank = len(adapters) == 1 and isinstance(adapters[0], LowRank)
 
     def _users(self, batch_size: int) -> torch.Tensor | None:
         """The batch's user ids; a single id stands for every example (generation)."""
@@ -240,9 +287,16 @@ class Site:
             raise UserError(f"cola got {users.shape[0]} user ids for a batch of {batch_size} examples")
         return users
 
+    def _lowrank_applies(self, x: torch.Tensor) -> bool:
+        """`LowRankCapture` computes what `AdapterOutput` does only where no conversion or
+        autocast is involved: one low-rank adapter, on x's device, in x's dtype."""
+        return (self.lowrank and x.device == self.routing.device and x.dtype == torch.float32
+                and not torch.is_autocast_enabled(x.device.type))
+
     def output(self, x: torch.Tensor, capture: bool) -> torch.Tensor:
-        """alpha * g(x) on x's device; with `capture`, through `AdapterOutput`, which buffers
-        the output's gradient for `fit` and keeps the adapters' parameters out of x's graph."""
+        """alpha * g(x) on x's device; with `capture`, through `AdapterOutput` (or its low-rank
+        equivalent), which buffers the adapters' gradients for `fit` and keeps their parameters
+        out of x's graph."""
         users = self._users(x.shape[0])
         if not capture:
             xa = x.to(self.routing.device, torch.float32)
@@ -250,6 +304,8 @@ class Site:
         if users is None and len(self.adapters) > 1:
             raise UserError(f"fnmodel.users={len(self.adapters)} needs a user id per training example "
                             "(a 'user' batch field, as dataset=dolly gives); this dataset names none")
+        if self._lowrank_applies(x):
+            return LowRankCapture.apply(x, self._anchor, self)
         return AdapterOutput.apply(x, self._anchor, self, users)
 
     def input_gradient(self, x: torch.Tensor, users: torch.Tensor | None, grad: torch.Tensor) -> torch.Tensor:
@@ -261,19 +317,28 @@ class Site:
         return dx
 
     def capture(self, x: torch.Tensor, users: torch.Tensor | None, grad: torch.Tensor) -> None:
-        self.pairs.append((x, users, grad))
+        """Buffer each adapter's gradient of 1/2 ||alpha g(x) - (alpha g(x).detach() - grad)||^2,
+        i.e. alpha g'(x)^T grad, over its own users' rows (every row without user ids)."""
+        grads: list[torch.Tensor | None] = []
+        with torch.enable_grad():
+            for k, adapter in enumerate(self.adapters):
+                own = list(adapter.parameters())
+                rows = slice(None) if users is None else (users == k).nonzero().squeeze(1)
+                if users is not None and rows.numel() == 0:
+                    grads += [None] * len(own)
+                    continue
+                out = self.routing.alpha * adapter(x[rows])
+                grads += torch.autograd.grad(out, own, grad[rows])
+        self.pairs.append(grads)
 
     def fit(self) -> None:
-        """Accumulate each adapter's gradient from its own users' buffered pairs, then forget them."""
-        with torch.enable_grad():
-            for x, users, grad in self.pairs:
-                for k, adapter in enumerate(self.adapters):
-                    rows = slice(None) if users is None else (users == k).nonzero().squeeze(1)
-                    if users is not None and rows.numel() == 0:
-                        continue
-                    out = self.routing.alpha * adapter(x[rows])
-                    target = out.detach() - grad[rows]
-                    (0.5 * (out - target).pow(2).sum()).backward()
+        """Add the buffered gradients into the adapters' .grad (as backward would), then forget them."""
+        for i, param in enumerate(self.params):
+            parts = [pair[i] for pair in self.pairs if pair[i] is not None]
+            if not parts:
+                continue
+            total = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+            param.grad = total if param.grad is None else param.grad + total
         self.pairs.clear()
 
     def delta_weight(self) -> torch.Tensor:
