@@ -359,6 +359,16 @@ class ColaLayer(AdapterLayer):
     def update(self, x: torch.Tensor) -> torch.Tensor:
         return self.site.output(x, capture=self.training and torch.is_grad_enabled())
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """base(x) + alpha g(x), summed into the frozen layer's fresh output where the two agree
+        in dtype (no autocast): a (tokens, out) tensor fewer per layer. The frozen layer's
+        backward does not read its output, so the in-place sum is safe for autograd."""
+        out = self.base_layer(x)
+        update = self.update(x)
+        if out.dtype != update.dtype or out.shape != update.shape:
+            return out + update
+        return out.add_(update)
+
     def delta_weight(self) -> torch.Tensor:
         return self.site.delta_weight().to(self.weight.device)
 
