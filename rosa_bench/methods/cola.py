@@ -238,7 +238,7 @@ class LowRankCapture(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, anchor: torch.Tensor, site: Site) -> torch.Tensor:
         adapter = site.adapters[0]
         flat = x.detach().reshape(-1, x.shape[-1])
-        hidden = torch.mm(flat, adapter.A.detach().T)  # (tokens, r)
+        hidden = torch.mm(adapter.A.detach(), flat.T).T  # (tokens, r), a view of (r, tokens)
         out = torch.mm(hidden * site.routing.alpha, adapter.B.detach().T)
         ctx.save_for_backward(flat, hidden)
         ctx.site = site
