@@ -341,3 +341,24 @@ def test_a_backbone_layer_named_fc1_is_not_renamed():
     method = attached_method(rosa_bench.apply(tiny("gpt2"), "cola", adapter="mlp", hidden=4))
     assert set(method._renamed_old_mlp(state)) == {"model.fc1.cola.0.A", "x.cola.0.out.bias"}
 
+
+
+def test_head_adapter_merge_into_a_bias_free_head_keeps_the_heads_dtype():
+    """Llama's `score` head has no bias: merging creates one in the head's dtype (bf16 here), not
+    the fp32 adapters', so the merged model still runs and gives the unmerged outputs."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    llama = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=0, num_labels=3))
+    model = rosa_bench.apply(llama, "cola", rank=4, head_adapter="linear_bias")
+    assert model.score.base_layer.bias is None
+    for adapter in model.score.site.adapters:
+        torch.nn.init.normal_(adapter.bias)
+    model.to(torch.bfloat16).eval()
+    with torch.no_grad():
+        before = model(**inputs()).logits
+        merged = rosa_bench.merge(copy.deepcopy(model))
+        assert merged.score.bias.dtype == torch.bfloat16
+        torch.testing.assert_close(merged(**inputs()).logits, before, atol=5e-2, rtol=5e-2)

@@ -346,9 +346,11 @@ class Site:
 
     def delta_bias(self) -> torch.Tensor | None:
         biases = [a.delta_bias() for a in self.adapters]
-        if all(b is None for b in biases):
+        present = [b for b in biases if b is not None]
+        if not present:
             return None
-        return self.routing.alpha * torch.stack([b for b in biases if b is not None]).mean(0)
+        # An adapter without a bias adds zero: the mean is over every user, as delta_weight's.
+        return self.routing.alpha * torch.stack(present).sum(0) / len(biases)
 
 
 class ColaLayer(AdapterLayer):
@@ -378,8 +380,8 @@ class ColaLayer(AdapterLayer):
         bias = self.site.delta_bias()
         if bias is not None:
             base = self.base_layer
-            if base.bias is None:
-                base.bias = nn.Parameter(torch.zeros_like(bias), requires_grad=False)
+            if base.bias is None:  # on the layer's device and in its dtype, not the adapters'
+                base.bias = nn.Parameter(base.weight.new_zeros(base.weight.shape[0]), requires_grad=False)
             base.bias.add_(bias.to(base.bias.device, base.bias.dtype))
         return super().merge()
 
