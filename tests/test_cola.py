@@ -485,3 +485,26 @@ def test_the_low_rank_shortcut_leaves_autocast_and_other_devices_to_the_general_
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not site._lowrank_applies(x)
     assert not layers(cola("llama", adapter="lowrank", users=2))[0].site.lowrank
+
+
+@pytest.mark.parametrize("adapter", ["lowrank", "linear"])
+def test_a_skipped_step_leaves_nothing_in_the_next_fit(adapter):
+    """train.skip_nonfinite: a skipped step's captured gradients are dropped (discard_step), the
+    interval's accepted steps' kept, so the fit equals backprop over the accepted batches only."""
+    model, _ = trained_cola(adapter, 1, interval=2)  # 3 steps: one fit, and one batch buffered
+    method = attached_method(model)
+    model(**batch(14)).loss.backward()  # completes the second interval
+    method.before_optimizer_step()
+    torch.optim.SGD(method.optimizer_parameters(model), lr=0.1).step()
+    for p in method.optimizer_parameters(model):
+        p.grad = None
+    ref, ref_params = backprop_reference(model)
+    model(**batch(15)).loss.backward()
+    method.before_optimizer_step()  # first step of the interval: buffered
+    model(**batch(16)).loss.backward()
+    method.discard_step()  # skipped (as if its loss were NaN)
+    ours = fitted_gradients(model, [batch(17)])  # second accepted step: the fit
+    for b in (batch(15), batch(17)):
+        ref(**b).loss.backward()
+    for g, p in zip(ours, ref_params, strict=True):
+        torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-5)

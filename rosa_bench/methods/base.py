@@ -338,6 +338,11 @@ class Method:
         """Called once per optimizer step, after its last micro-batch's backward and before
         clipping and stepping: where gradients computed outside autograd are filled in."""
 
+    def discard_step(self) -> None:
+        """Called instead of `before_optimizer_step` when the step is skipped (a non-finite loss
+        or gradient under `train.skip_nonfinite`): forget what its backward buffered outside
+        autograd, as zero_grad forgets its gradients."""
+
     def on_step_end(self, trainer: Trainer) -> None:
         """Called after each optimizer step."""
 

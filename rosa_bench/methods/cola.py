@@ -409,6 +409,7 @@ class ColA(Method):
         self.routing = Routing(cfg.alpha, cfg.collab, torch.device(cfg.adapter_device))
         self.sites: list[Site] = []
         self.steps = 0
+        self._kept: list[int] = []  # each site's buffered gradients after the last accepted step
 
     @classmethod
     def check_config(cls, cfg: ColaConfig) -> None:
@@ -509,6 +510,12 @@ class ColA(Method):
         if self.steps % self.cfg.interval == 0:
             for site in self.sites:
                 site.fit()
+        self._kept = [len(site.pairs) for site in self.sites]
+
+    def discard_step(self) -> None:
+        """Drop the skipped step's captured gradients; the interval's earlier steps' stay."""
+        for site, count in zip(self.sites, self._kept or [0] * len(self.sites), strict=True):
+            del site.pairs[count:]
 
     def merge(self, model: nn.Module) -> nn.Module:
         """Fold the (mean, under col) delta into the base weights; lowrank/linear only."""

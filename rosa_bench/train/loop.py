@@ -160,6 +160,8 @@ class Trainer:
                 if acc.sync_gradients and not skip:
                     self.method.before_optimizer_step()
                     distributed.average_unsynced_gradients(params, self.model)
+                elif skip:
+                    self.method.discard_step()
                 if acc.sync_gradients and run.train.max_grad_norm and not skip:
                     acc.clip_grad_norm_(params, run.train.max_grad_norm)
                 if not skip:
