@@ -58,6 +58,7 @@ from rosa_bench.methods.base import (
     layer_shape,
     set_submodule,
 )
+from rosa_bench.methods.lowrank import thin_mm
 
 COLLAB_MODES = ("alone", "col")
 NONLINEAR = ("fnmodel.adapter={} has a nonlinear (mlp) adapter: it has no weight delta to merge into the "
@@ -251,7 +252,7 @@ class LowRankCapture(torch.autograd.Function):
         site, alpha = ctx.site, ctx.site.routing.alpha
         adapter = site.adapters[0]
         grad_flat = grad.detach().reshape(-1, grad.shape[-1])
-        grad_b = torch.mm(hidden.T, grad_flat).mul_(alpha).T.contiguous()  # (out, r)
+        grad_b = thin_mm(grad_flat.T, hidden).mul_(alpha)  # (out, r)
         grad_hidden_t = torch.mm(adapter.B.detach().T, grad_flat.T).mul_(alpha)  # (r, tokens)
         grad_a = torch.mm(grad_hidden_t, flat)  # (r, in)
         site.pairs.append([grad_a, grad_b])

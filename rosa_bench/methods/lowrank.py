@@ -88,7 +88,7 @@ class _FusedLowRankLinear(torch.autograd.Function):
         for i in range(k - 1, -1, -1):
             scale = ctx.scaling if i == k - 1 else 1.0
             if ctx.factor_needs[i]:
-                grad_factors[i] = _thin_mm(grad_t, kept[i]).mul_(scale)
+                grad_factors[i] = thin_mm(grad_t, kept[i]).mul_(scale)
             if i == 0 or not (any(ctx.factor_needs[:i]) or adapter_in_needed):
                 break
             grad_t = torch.mm(factors[i].T, grad_t).mul_(scale)
@@ -108,7 +108,7 @@ class _FusedLowRankLinear(torch.autograd.Function):
         return grad_x, grad_adapter_in, None, grad_bias, None, *grad_factors
 
 
-def _thin_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def thin_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b (a factor's gradient), contiguous, computed with the smaller side as the rows."""
     if a.shape[0] > b.shape[1]:
         return torch.mm(b.T, a.T).T.contiguous()
