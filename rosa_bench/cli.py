@@ -58,7 +58,11 @@ def _quote_tildes(arg: str) -> str:
 
 def exit_on_user_error(fn: Callable) -> Callable:
     """Run `fn`; a UserError becomes one line on stderr and exit code 2, a failed run (RunFailed)
-    one line and exit code 3; no traceback."""
+    one line and exit code 3; no traceback. A Hydra or OmegaConf error raised while `fn` runs is
+    the program's own, not a bad override: it is marked so that `exit_on_config_error` (around
+    the Hydra entry point) lets its traceback through."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -70,6 +74,9 @@ def exit_on_user_error(fn: Callable) -> Callable:
         except RunFailed as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(3)
+        except (HydraException, OmegaConfBaseException) as err:
+            err.raised_inside_the_task = True
+            raise
 
     return wrapper
 
@@ -94,17 +101,19 @@ def exit_on_config_error(fn: Callable) -> Callable:
     """Run a `hydra.main` function so that an override Hydra cannot compose (an unknown key, a
     typo, bad override syntax) is one line and exit code 2, like every other bad input. Hydra
     is asked to re-raise its errors (HYDRA_FULL_ERROR) instead of printing them itself; an
-    error that is not about the config then keeps its full traceback."""
+    error that is not about the config, or one raised inside the task function (marked by
+    `exit_on_user_error`), then keeps its full traceback."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from hydra.errors import HydraException
-        from omegaconf.errors import OmegaConfBaseException
-
         os.environ.setdefault("HYDRA_FULL_ERROR", "1")
         try:
             return fn(*args, **kwargs)
         except (HydraException, OmegaConfBaseException) as err:
+            if getattr(err, "raised_inside_the_task", False):
+                raise
             print(f"error: {config_error_line(err)}", file=sys.stderr)
             sys.exit(2)
 

@@ -246,6 +246,13 @@ def test_fallback_when_switched_off_by_config(count_fused):
         rosa_bench.apply(tiny("llama"), "rosa", rank=4, fused="never")
 
 
+@pytest.mark.parametrize(("method", "options"), [("full", {}), ("rocoft", {"rank": 2}),
+                                                 ("cola", {"adapter": "linear"}), ("peft_lora", {"rank": 2})])
+def test_switching_off_a_path_a_method_does_not_have_is_refused(method, options):
+    with pytest.raises(UserError, match=f"fnmodel.fused='off' has no effect on {method}: only lora, loraxs, rosa"):
+        rosa_bench.apply(tiny("llama"), method, fused="off", **options)
+
+
 def test_fallback_for_hooks_trainable_weight_and_linear_subclasses(count_fused):
     model = rosa_bench.apply(tiny("llama"), "lora", rank=4)
     first, second, third = layers(model)[:3]
@@ -259,6 +266,28 @@ def test_fallback_for_hooks_trainable_weight_and_linear_subclasses(count_fused):
     assert not layers(model)[3].fused_applies(x.double())  # mixed dtypes
     model(**inputs())
     assert seen and count_fused.calls == len(layers(model)) - 3
+
+
+def test_fallback_for_backward_hooks_and_global_module_hooks(count_fused):
+    """Every hook a base layer would fire on the unfused path fires: its own backward hook,
+    and global forward / backward hooks (what FLOP counters and profilers register)."""
+    model = rosa_bench.apply(tiny("llama"), "lora", rank=4)
+    last = layers(model)[-1]  # its input needs a gradient (the first layer's, from the frozen embedding, not)
+    backward_seen, forward_seen = [], []
+    last.base_layer.register_full_backward_hook(lambda m, gi, go: backward_seen.append(go[0].shape))
+    model(**inputs()).logits.sum().backward()
+    assert backward_seen and count_fused.calls == len(layers(model)) - 1
+    count_fused.calls = 0
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: forward_seen.append(m) if type(m) is nn.Linear else None)
+    try:
+        model(**inputs())
+    finally:
+        handle.remove()
+    assert count_fused.calls == 0
+    assert {id(layer.base_layer) for layer in layers(model)} <= {id(m) for m in forward_seen}
+    model(**inputs())
+    assert count_fused.calls == len(layers(model)) - 1  # back to fused once the hook is gone
 
 
 def test_merged_and_other_methods_take_no_fused_path(count_fused):

@@ -156,10 +156,12 @@ def test_fused_slices_after_training_steps_keep_k_at_its_base_weights():
         assert not torch.equal(w[:, :32], w0[:, :32]) and not torch.equal(w[:, 64:], w0[:, 64:])
 
 
-def test_fused_slices_reject_layers_they_do_not_divide_and_empty_choices():
-    with pytest.raises(UserError, match="not a multiple"):
+def test_fused_slices_reject_layers_that_are_not_a_fused_projection_and_empty_choices():
+    with pytest.raises(UserError, match=r"layer .*mlp.c_proj maps 128 -> 32, not 128 -> 3 x 128"):
         rosa_bench.apply(tiny("gpt2"), "lora", rank=R, targets=["mlp.c_proj"],
                          fused_slices=[True, False, True])
+    with pytest.raises(UserError, match=r"attn.c_proj maps 32 -> 32, not 32 -> 2 x 32"):  # 2 divides 32
+        rosa_bench.apply(tiny("gpt2"), "lora", rank=R, targets=["attn.c_proj"], fused_slices=[True, False])
     with pytest.raises(UserError, match="fused_slices"):
         composed(["fnmodel=lora", "fnmodel.fused_slices=[false,false]"])
 

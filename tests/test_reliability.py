@@ -65,6 +65,28 @@ def test_a_typo_hydra_cannot_compose_is_one_line_from_the_cli(tmp_path, override
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_config_error_raised_inside_the_run_keeps_its_traceback(capsys):
+    """Only an error composing the overrides is a bad input; the same exception type raised by
+    the training code is a bug and must surface whole, not as a one-line 'unknown option'."""
+    from omegaconf.errors import ConfigAttributeError
+
+    from rosa_bench.cli import exit_on_config_error, exit_on_user_error
+
+    def composing():
+        raise ConfigAttributeError("Key 'lrr' is not in struct")
+
+    @exit_on_user_error
+    def task():
+        composing()
+
+    with pytest.raises(SystemExit) as ended:
+        exit_on_config_error(composing)()
+    assert ended.value.code == 2 and capsys.readouterr().err.startswith("error: ")
+    with pytest.raises(ConfigAttributeError, match="lrr"):
+        exit_on_config_error(task)()
+    assert capsys.readouterr().err == ""
+
+
 def test_legitimate_edge_values_are_accepted():
     run = composed(["train.max_grad_norm=0", "train.weight_decay=0", "fnmodel.targets=[c_attn]",
                     "output.name=my-run"])

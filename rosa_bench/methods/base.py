@@ -204,6 +204,10 @@ def copy_checked(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -
             own[name].copy_(tensor)
 
 
+def _subclasses(cls: type) -> set[type]:
+    return {sub for direct in cls.__subclasses__() for sub in {direct, *_subclasses(direct)}}
+
+
 class Method:
     """A PEFT method. Subclasses set `name`, `config_class`, `default_targets` and implement
     `make_layer`; hooks are optional."""
@@ -218,6 +222,8 @@ class Method:
         "roberta": ["query", "value"],
     }
     mergeable: ClassVar[bool] = True
+    # Whether its layers have the fused low-rank path (methods/lowrank.py) that fnmodel.fused switches.
+    fused_path: ClassVar[bool] = False
 
     def __init__(self, cfg: MethodConfig):
         self.cfg = cfg
@@ -226,9 +232,18 @@ class Method:
     @classmethod
     def check_config(cls, cfg: MethodConfig) -> None:
         """Reject bad method options before any model loads (subclasses extend)."""
-        if not isinstance(cfg.rank, int) or isinstance(cfg.rank, bool) or cfg.rank < 1:
+        if cls.uses_rank(cfg) and (not isinstance(cfg.rank, int) or isinstance(cfg.rank, bool) or cfg.rank < 1):
             raise UserError(f"fnmodel.rank={cfg.rank!r} must be a positive integer for {cls.name}")
         check_choices(cfg, train_biases=BIAS_CHOICES, fused=FUSED_CHOICES)
+        if cfg.fused != "auto" and not cls.fused_path:
+            with_path = sorted(m.name for m in _subclasses(Method) if m.fused_path)
+            raise UserError(f"fnmodel.fused={cfg.fused!r} has no effect on {cls.name}: only "
+                            f"{', '.join(with_path)} have a fused path; leave it at 'auto'")
+
+    @classmethod
+    def uses_rank(cls, cfg: MethodConfig) -> bool:
+        """Whether fnmodel.rank means anything for this configuration (checked only then)."""
+        return True
 
     def target_patterns(self, family: str) -> list[str]:
         if self.cfg.targets is not None:

@@ -413,13 +413,16 @@ class ColA(Method):
         self._kept: list[int] = []  # each site's buffered gradients after the last accepted step
 
     @classmethod
+    def uses_rank(cls, cfg: ColaConfig) -> bool:
+        return "lowrank" in cfg.adapter.split("~")
+
+    @classmethod
     def check_config(cls, cfg: ColaConfig) -> None:
         for kind in cfg.adapter.split("~"):
             if kind not in ADAPTERS:
                 raise UserError(f"fnmodel.adapter={cfg.adapter!r}: unknown kind {kind!r}; choose "
                                 f"{', '.join(ADAPTERS)} or a mix joined by '~' (lowrank~linear)")
-        if "lowrank" in cfg.adapter.split("~"):
-            super().check_config(cfg)
+        super().check_config(cfg)
         for key in ("hidden", "interval", "users"):
             _positive_int(key, getattr(cfg, key))
         if cfg.collab not in COLLAB_MODES:

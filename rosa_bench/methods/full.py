@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from rosa_bench.config import MethodConfig
 from rosa_bench.methods.base import Method, attach
 
 
@@ -11,8 +12,8 @@ class FullFineTuning(Method):
     name = "full"
 
     @classmethod
-    def check_config(cls, cfg) -> None:
-        """Full fine-tuning has no rank; nothing to check."""
+    def uses_rank(cls, cfg: MethodConfig) -> bool:
+        return False
 
     def apply(self, model: nn.Module, family: str | None = None) -> nn.Module:
         model.requires_grad_(True)

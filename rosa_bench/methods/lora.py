@@ -81,6 +81,7 @@ class LoraLayer(LowRankLayer):
 class LoRA(Method):
     name = "lora"
     config_class = LoraConfig
+    fused_path = True
 
     @classmethod
     def check_config(cls, cfg: LoraConfig) -> None:
@@ -93,10 +94,13 @@ class LoRA(Method):
     def check_layer(self, name: str, module: nn.Module) -> None:
         super().check_layer(name, module)
         slices = self.cfg.fused_slices
-        out_features = layer_shape(module)[0]
-        if slices is not None and out_features % len(slices):
-            raise UserError(f"fnmodel.fused_slices has {len(slices)} slices but layer {name} has "
-                            f"{out_features} outputs, not a multiple: target only the fused layer (c_attn)")
+        out_features, in_features = layer_shape(module)
+        # A fused q,k,v projection maps the hidden size to one slice per projection; any other
+        # layer whose width the count merely divides would be cut into meaningless slices.
+        if slices is not None and out_features != len(slices) * in_features:
+            raise UserError(f"fnmodel.fused_slices has {len(slices)} slices but layer {name} maps "
+                            f"{in_features} -> {out_features}, not {in_features} -> {len(slices)} x "
+                            f"{in_features}: target only the fused q,k,v layer (GPT-2: c_attn)")
 
     def make_layer(self, name: str, module: nn.Module) -> LoraLayer:
         return LoraLayer(module, self.rank_for(module), self.cfg.alpha, self.cfg.dropout,

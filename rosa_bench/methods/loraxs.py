@@ -69,6 +69,7 @@ class LoraXSLayer(LowRankLayer):
 class LoraXS(Method):
     name = "loraxs"
     config_class = LoraXSConfig
+    fused_path = True
     # The paper: RoBERTa query, value, attention output and FFN output ('output.dense' also
     # matches 'attention.output.dense'); every projection of Llama-family models.
     default_targets = {

@@ -16,8 +16,8 @@ the unfused one's up to float rounding; the unfused `base_layer(x) + update(x)` 
 - autocast is active for the input's device (mixed precision: autocast picks each op's dtype);
 - the input, frozen weight, bias and factors do not all share one dtype;
 - the frozen weight requires grad, or the base layer is not exactly nn.Linear / Conv1D (a
-  subclass, e.g. a quantized Linear, computes its own product), or it has forward hooks (the
-  fused path would not call them);
+  subclass, e.g. a quantized Linear, computes its own product), or it has forward or backward
+  hooks, or global module hooks are registered (the fused path would not call them);
 - LoRA with `fnmodel.fused_slices` (per-slice pairs of a fused q,k,v layer: no single chain).
 Dropout (the adapter's input only) is no reason to fall back: the layer's own dropout module
 runs once on the same input as in the unfused path (same random stream), and its output is the
@@ -31,6 +31,7 @@ from functools import reduce
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module
 from transformers.pytorch_utils import Conv1D
 
 from rosa_bench.methods.base import AdapterLayer
@@ -108,6 +109,16 @@ class _FusedLowRankLinear(torch.autograd.Function):
         return grad_x, grad_adapter_in, None, grad_bias, None, *grad_factors
 
 
+def _has_hooks(module: nn.Module) -> bool:
+    """Forward or backward hooks on `module`, or global ones (torch.nn.modules.module's
+    register_module_*_hook, e.g. a FLOP counter): the fused path never calls the base layer, so
+    none of them would see it."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or _module._global_forward_hooks
+                or _module._global_forward_pre_hooks or _module._global_backward_hooks
+                or _module._global_backward_pre_hooks)
+
+
 def thin_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b (a factor's gradient), contiguous, computed with the smaller side as the rows."""
     if a.shape[0] > b.shape[1]:
@@ -146,8 +157,8 @@ class LowRankLayer(AdapterLayer):
     def fused_applies(self, x: torch.Tensor) -> bool:
         """Whether this forward may take the fused path (the module docstring says when not)."""
         base = self.base_layer
-        if not self.fused or type(base) not in (nn.Linear, Conv1D) or base._forward_hooks \
-                or base._forward_pre_hooks or torch.is_autocast_enabled(x.device.type):
+        if not self.fused or type(base) not in (nn.Linear, Conv1D) or _has_hooks(base) \
+                or torch.is_autocast_enabled(x.device.type):
             return False
         weight = self.weight
         if weight.requires_grad:

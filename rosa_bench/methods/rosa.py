@@ -106,6 +106,7 @@ class RosaLayer(LowRankLayer):
 class ROSA(Method):
     name = "rosa"
     config_class = RosaConfig
+    fused_path = True
     # The paper's targets: attention q/k/v/o for encoders, attention and MLP for decoders.
     default_targets = {
         "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
