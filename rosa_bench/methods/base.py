@@ -232,7 +232,8 @@ class Method:
     @classmethod
     def check_config(cls, cfg: MethodConfig) -> None:
         """Reject bad method options before any model loads (subclasses extend)."""
-        if cls.uses_rank(cfg) and (not isinstance(cfg.rank, int) or isinstance(cfg.rank, bool) or cfg.rank < 1):
+        rank = cfg.rank
+        if cls.uses_rank(cfg) and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
             raise UserError(f"fnmodel.rank={cfg.rank!r} must be a positive integer for {cls.name}")
         check_choices(cfg, train_biases=BIAS_CHOICES, fused=FUSED_CHOICES)
         if cfg.fused != "auto" and not cls.fused_path:
