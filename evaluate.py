@@ -21,6 +21,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-samples", type=int, default=None,
                         help="score only the first N inputs (E2E: meaning representations)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--no-loss", action="store_true",
+                        help="generation scores only: skip the loss over the split's reference rows "
+                             "(E2E test: 4,693 rows)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow the run's model.trust_remote_code (runs code from the hub)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -35,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     result = evaluate_run(args.run, args.split, args.checkpoint, args.max_samples,
                           progress=not args.no_progress, overrides=args.overrides,
-                          trust_remote_code=args.trust_remote_code)
+                          trust_remote_code=args.trust_remote_code, loss=not args.no_loss)
     print(json.dumps(result["scores"], indent=2))
     print(summary(result))
 

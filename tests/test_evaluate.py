@@ -63,6 +63,16 @@ def test_e2e_references_are_grouped_by_meaning_representation(e2e_run):
     assert len(gen.prompts) == len(set(raw["mr"])) and sum(map(len, gen.references)) == len(raw)
 
 
+def test_no_loss_scores_the_generations_without_the_reference_rows_pass(e2e_run, monkeypatch):
+    def loss_pass(*args, **kwargs):
+        raise AssertionError("the loss pass ran")
+
+    monkeypatch.setattr(ev, "evaluate_split", loss_pass)
+    result = evaluate_run(e2e_run, "validation", "last", max_samples=1, progress=False, loss=False)
+    assert "loss" not in result["scores"] and "loss_rows" not in result["scored"]
+    assert {"BLEU", "ROUGE_L"} <= set(result["scores"]) and result["scored"]["inputs"] == 1
+
+
 def test_crash_while_decoding_leaves_no_score_file(e2e_run, monkeypatch):
     def crash(*args, **kwargs):
         raise RuntimeError("killed mid-decoding")

@@ -208,3 +208,19 @@ def test_a_finished_run_of_an_earlier_grid_is_kept_and_can_win(tmp_path):
         runs.write_json(job.folder / "metrics.json", {"complete": True, "best": {"value": score}})
     assert reproduce.grid_rates(preset, tmp_path, method) == ([1e-4, 1e-3, 2e-3], 1e-4)
     assert 1e-4 in [j.lr for j in reproduce.plan(preset, tmp_path) if j.experiment == "lr_grid"]
+
+
+def test_the_quiet_projection_uses_runs_that_ran_alone_and_errs_long_elsewhere():
+    df = pd.DataFrame([
+        # (experiment, task, status, train_s, test_s, load at start/end at most)
+        ("glue", "rte", "done", 100.0, None, 2.0), ("glue", "rte", "done", 140.0, None, 2.2),
+        ("glue", "rte", "done", 400.0, None, 7.0),  # contended: not a measure of the time alone
+        ("glue", "cola", "done", 90.0, None, 5.0), ("glue", "cola", "done", 70.0, None, 4.0),
+        ("glue", "rte", "to run", None, None, None),  # counts rte's median alone, 120 s
+        ("rank_sweep", "rte", "to run", None, None, None),  # no sweep run yet: the task's 120 s
+        ("glue", "cola", "to run", None, None, None),  # no cola run ran alone: its fastest, 70 s
+        ("e2e", "e2e", "to run", None, None, None),  # nothing measured
+    ], columns=["experiment", "task", "status", "train_s", "test_s", "load_1min_max"])
+    hours, unmeasured = reproduce.quiet_projection(df, cpus=2)
+    assert unmeasured == 1
+    assert hours * 3600 == pytest.approx(3 * 120 + 120 + 120 + 2 * 70 + 70)
