@@ -282,7 +282,8 @@ def chosen_lrs(preset: Preset, out: Path) -> dict[str, float | None]:
 
 
 def plan(preset: Preset, out: Path) -> list[Job]:
-    """Every run, most valuable first. Jobs after the grid carry lr=None until it is done."""
+    """Every run, most valuable first, E2E's long runs (half an hour each) last. Jobs after the
+    grid carry lr=None until it is done."""
     lrs = chosen_lrs(preset, out)
     methods = {m.key: m for m in preset.glue_methods}
     grid_task = preset.glue_tasks[0]
@@ -290,11 +291,11 @@ def plan(preset: Preset, out: Path) -> list[Job]:
             for m in preset.glue_methods for lr in grid_rates(preset, out, m)[0]]
     jobs += [make_job(preset, out, "glue", task, m, lrs[m.key], seed)
              for task in preset.glue_tasks for seed in preset.seeds for m in preset.glue_methods]
-    jobs += [make_job(preset, out, "e2e", "e2e", methods[key], lrs[key], preset.seeds[0])
-             for key in preset.e2e_methods]
     jobs += [make_job(preset, out, "rank_sweep", grid_task, methods[key], lrs[key], seed, rank)
              for rank in preset.sweep_ranks if rank != preset.rank
              for seed in preset.seeds for key in preset.sweep_methods]
+    jobs += [make_job(preset, out, "e2e", "e2e", methods[key], lrs[key], preset.seeds[0])
+             for key in preset.e2e_methods]
     return jobs
 
 
