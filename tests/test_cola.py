@@ -508,3 +508,50 @@ def test_a_skipped_step_leaves_nothing_in_the_next_fit(adapter):
         ref(**b).loss.backward()
     for g, p in zip(ours, ref_params, strict=True):
         torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_the_fused_layer_trains_as_the_separate_adapter_output(monkeypatch, family):
+    """A one-user low-rank site fuses the frozen layer into LowRankCapture (its weight passed) at
+    every adapted layer, GPT-2's Conv1D included; with `fused` off it adds LowRankCapture's separate
+    output instead (weight None). Several AdamW steps leave the same adapters on both paths."""
+    from rosa_bench.methods.cola import LowRankCapture
+
+    fused = cola(family, layers=3)
+    randomize(fused)
+    unfused = copy.deepcopy(fused)
+    for layer in layers(unfused):
+        layer.fused = False
+    took_weight = []
+    apply = LowRankCapture.apply
+
+    def counted(x, anchor, site, weight, bias):
+        took_weight.append(weight is not None)
+        return apply(x, anchor, site, weight, bias)
+
+    monkeypatch.setattr(LowRankCapture, "apply", counted)
+    batches = [batch(s) for s in range(30, 34)]
+    start = adapter_weights(fused)
+    for model in (fused, unfused):
+        method = attached_method(model)
+        adamw_steps(model, method.optimizer_parameters(model), batches, 1, method.before_optimizer_step)
+    calls = len(layers(fused)) * len(batches)
+    assert took_weight == [True] * calls + [False] * calls
+    assert all((w - s).abs().max() > 1e-3 for w, s in zip(adapter_weights(fused), start))
+    for ours, theirs in zip(adapter_weights(fused), adapter_weights(unfused), strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+
+
+def test_the_fused_layer_leaves_hooks_users_and_replaced_outputs_to_the_separate_output():
+    """Fused only where the result is the separate path's: not for a hooked base layer, another
+    dtype, autocast, several users, or a site whose `output` was replaced."""
+    x = torch.randn(2, 3, 32)
+    first, second, third = layers(cola("llama"))[:3]
+    assert all(layer.fused_applies(x) for layer in (first, second, third))
+    first.base_layer.register_forward_hook(lambda module, args, out: None)
+    second.site.output = partial(_in_graph_output, second.site)
+    assert not first.fused_applies(x) and not second.fused_applies(x)
+    assert not third.fused_applies(x.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not third.fused_applies(x)
+    assert not layers(cola("llama", users=2))[0].fused_applies(x)

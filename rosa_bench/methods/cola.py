@@ -23,9 +23,25 @@ Cost: each captured (x, dL/d(alpha g)) pair is turned into the adapters' gradien
 backward that produced it, not kept until the fit. The gradient needs nothing but the pair and the
 adapters' weights, which do not move inside an interval, so the numbers are the same; the pair's
 activations are freed at once and no second forward runs at fit time. A one-user low-rank site
-(the common case) does it in `LowRankCapture`: the forward keeps only x and the rank-r A x, the
-backward computes dx, dA, dB with LoRA's arithmetic in the thin (rank, tokens) form. `Site.fit`
-then only adds the buffered gradients into `.grad`.
+(the common case) does it in `LowRankCapture`, in LoRA's fused arithmetic (methods/lowrank.py):
+the forward keeps only x and the rank-r A x, the backward computes dx, dA, dB in the thin
+(rank, tokens) form. `Site.fit` then only adds the buffered gradients into `.grad`.
+
+`LowRankCapture` also takes the frozen layer itself (`ColaLayer.fused_applies`), as LoRA's fused
+path does: alpha B A x is accumulated into the frozen layer's output in place and its input
+gradient into the frozen layer's, so no (tokens, out) adapter output and no (tokens, in) gradient
+sum is made. The adapters stay where they were: A and B enter only as detached values, their
+gradients go to the site's buffer, never to autograd. The layer falls back to the frozen layer's
+output plus the site's separate output (`LowRankCapture` without a weight, or `AdapterOutput`)
+- outside a capturing forward (eval, no_grad: the adapters' plain forward);
+- for several users or another adapter kind (routing and `Site.capture` per user);
+- where `Site._lowrank_applies` says no: x off `adapter_device`, not float32, or under autocast;
+- where `lowrank.fusable` says no for the base layer: `fnmodel.fused=off`, a Linear subclass or
+  hooks on the base layer, another dtype in the frozen weight or bias;
+- where the site's `output` was replaced (the tests' backprop reference puts the adapters in the
+  graph that way): only the site's own output is fused.
+Gradient checkpointing, `interval` and `discard_step` see the same thing on both paths: one
+buffered [dA, dB] entry per real backward.
 
 `fnmodel.head_adapter=linear_bias` reproduces the original's RoBERTa GLUE runs
 (diaoenmao/ColA-..., src/module/peft/utils/other.py targets `classifier.dense` and
@@ -58,7 +74,7 @@ from rosa_bench.methods.base import (
     layer_shape,
     set_submodule,
 )
-from rosa_bench.methods.lowrank import thin_mm
+from rosa_bench.methods.lowrank import FusedNeeds, fusable, fused_backward, fused_forward
 
 COLLAB_MODES = ("alone", "col")
 NONLINEAR = ("fnmodel.adapter={} has a nonlinear (mlp) adapter: it has no weight delta to merge into the "
@@ -228,38 +244,30 @@ class AdapterOutput(torch.autograd.Function):
 
 
 class LowRankCapture(torch.autograd.Function):
-    """`AdapterOutput` and the capture for a one-user low-rank site, by hand: alpha * B A x in
-    the forward; in the backward, with G = dL/d(alpha g), dx = alpha G B A and the fitted
-    gradients dB = alpha G^T (A x), dA = alpha (G B)^T x, exactly what autograd through
-    `AdapterOutput.backward` and `Site.capture` gives. Only x (the layer's input, no copy) and the
-    rank-r A x are saved; every thin product keeps its rank-sized side as the result's rows or
-    as the shared dimension, the forms MKL is fast at."""
+    """`AdapterOutput` and the capture for a one-user low-rank site, by hand, in LoRA's fused
+    arithmetic (`lowrank.fused_forward` / `fused_backward`) with the adapter's A, B as the
+    factors and alpha as the scale. Given the frozen layer's weight (and bias) it is the whole
+    layer, f(x) + alpha B A x, summed in place; without (weight None) alpha B A x alone. In the
+    backward, with G = dL/d(alpha g): dx = alpha G B A (added in place into the frozen layer's
+    G W), and the fitted gradients dB = alpha G^T (A x), dA = alpha (G B)^T x, exactly what
+    autograd through `AdapterOutput.backward` and `Site.capture` gives, are buffered for the fit.
+    Only x (the layer's input, no copy) and the rank-r A x are saved."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, anchor: torch.Tensor, site: Site) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, anchor: torch.Tensor, site: Site, weight: torch.Tensor | None,
+                bias: torch.Tensor | None) -> torch.Tensor:
         adapter = site.adapters[0]
-        flat = x.detach().reshape(-1, x.shape[-1])
-        hidden = torch.mm(adapter.A.detach(), flat.T).T  # (tokens, r), a view of (r, tokens)
-        out = torch.mm(hidden * site.routing.alpha, adapter.B.detach().T)
-        ctx.save_for_backward(flat, hidden)
         ctx.site = site
-        return out.view(*x.shape[:-1], out.shape[-1])
+        needs = FusedNeeds(x=ctx.needs_input_grad[0], adapter_in=False, bias=False, factors=(True, True))
+        return fused_forward(ctx, x.detach(), None, weight, bias, site.routing.alpha,
+                             (adapter.A.detach(), adapter.B.detach()), needs)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None]:
         """Runs once per real backward (see `AdapterOutput.backward`)."""
-        flat, hidden = ctx.saved_tensors
-        site, alpha = ctx.site, ctx.site.routing.alpha
-        adapter = site.adapters[0]
-        grad_flat = grad.detach().reshape(-1, grad.shape[-1])
-        grad_b = thin_mm(grad_flat.T, hidden).mul_(alpha)  # (out, r)
-        grad_hidden_t = torch.mm(adapter.B.detach().T, grad_flat.T).mul_(alpha)  # (r, tokens)
-        grad_a = torch.mm(grad_hidden_t, flat)  # (r, in)
-        site.pairs.append([grad_a, grad_b])
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.mm(grad_hidden_t.T, adapter.A.detach()).view(*grad.shape[:-1], flat.shape[-1])
-        return dx, None, None
+        dx, _, _, grad_factors = fused_backward(ctx, grad.detach())
+        ctx.site.pairs.append(grad_factors)  # [dA, dB], the order of `Site.params`
+        return dx, None, None, None, None
 
 
 class Site:
@@ -306,7 +314,7 @@ class Site:
             raise UserError(f"fnmodel.users={len(self.adapters)} needs a user id per training example "
                             "(a 'user' batch field, as dataset=dolly gives); this dataset names none")
         if self._lowrank_applies(x):
-            return LowRankCapture.apply(x, self._anchor, self)
+            return LowRankCapture.apply(x, self._anchor, self, None, None)
         return AdapterOutput.apply(x, self._anchor, self, users)
 
     def input_gradient(self, x: torch.Tensor, users: torch.Tensor | None, grad: torch.Tensor) -> torch.Tensor:
@@ -362,10 +370,22 @@ class ColaLayer(AdapterLayer):
     def update(self, x: torch.Tensor) -> torch.Tensor:
         return self.site.output(x, capture=self.training and torch.is_grad_enabled())
 
+    def fused_applies(self, x: torch.Tensor) -> bool:
+        """Whether a capturing forward takes `LowRankCapture` with the frozen layer fused in (the
+        module docstring lists when not). A replaced `site.output` (tests put the adapters back in
+        the graph that way) is honoured: only the site's own output is fused."""
+        site = self.site
+        return (site._lowrank_applies(x) and getattr(site.output, "__func__", None) is Site.output
+                and fusable(self, x, (site.adapters[0].A, site.adapters[0].B)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """base(x) + alpha g(x), summed into the frozen layer's fresh output where the two agree
-        in dtype (no autocast): a (tokens, out) tensor fewer per layer. The frozen layer's
-        backward does not read its output, so the in-place sum is safe for autograd."""
+        """base(x) + alpha g(x): fused for a one-user low-rank site (see `fused_applies`), else
+        summed into the frozen layer's fresh output where the two agree in dtype (no autocast):
+        a (tokens, out) tensor fewer per layer. The frozen layer's backward does not read its
+        output, so the in-place sum is safe for autograd."""
+        capture = self.training and torch.is_grad_enabled()
+        if capture and self.fused_applies(x):
+            return LowRankCapture.apply(x, self.site._anchor, self.site, self.weight, self.base_layer.bias)
         out = self.base_layer(x)
         update = self.update(x)
         if out.dtype != update.dtype or out.shape != update.shape:

@@ -9,6 +9,8 @@ adapter's arithmetic. The fused path does the same arithmetic in one autograd fu
 accumulates the low-rank product into the frozen layer's output in place (addmm_), adds the
 adapter's input-gradient into the frozen layer's in place, and saves only what the trainable
 factors' gradients need (the adapter's input and the rank-r intermediates).
+The arithmetic is `fused_forward` / `fused_backward`, shared with ColA's `LowRankCapture`
+(methods/cola.py), which keeps its adapters outside autograd and buffers the factor gradients.
 
 `LowRankLayer.forward` picks the path by itself. The fused one applies whenever the result is
 the unfused one's up to float rounding; the unfused `base_layer(x) + update(x)` is kept when
@@ -27,6 +29,7 @@ adapter's input. Merged layers are plain base layers again, so no path is taken.
 from __future__ import annotations
 
 from functools import reduce
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -39,73 +42,105 @@ from rosa_bench.methods.base import AdapterLayer
 _FIRST_FACTOR = 5  # position of F_1 among _FusedLowRankLinear's inputs
 
 
-class _FusedLowRankLinear(torch.autograd.Function):
-    """Inputs: x, the adapter's input (None: x itself), the frozen (out, in) weight, its bias
-    (or None), the scale s, then the factors F_1..F_k in Linear orientation and chain order."""
+class FusedNeeds(NamedTuple):
+    """Which gradients a fused backward computes: the input's, the separate adapter input's,
+    the bias's, and each factor's."""
 
-    @staticmethod
-    def forward(ctx, x, adapter_in, weight, bias, scaling, *factors):  # noqa: ANN001 (autograd API)
-        flat = x.reshape(-1, x.shape[-1])
-        flat_in = flat if adapter_in is None else adapter_in.reshape(flat.shape)
-        needs = ctx.needs_input_grad
-        factor_needs = needs[_FIRST_FACTOR:]
-        # hidden[i]: the input of factor i, for i > 0 a (tokens, in_i) view of a (in_i, tokens)
-        # product: computed with its rank-sized side as the rows, where MKL is fast (it is up to
-        # 40x slower at (tokens, n) @ (n, r); measured 1.7x here on minilm-l6's layers).
-        hidden = [flat_in]
-        for factor in factors[:-1]:
-            hidden.append(torch.mm(factor, hidden[-1].T).T)
-        # Allocated in its final shape, so the output is no view (in-place use downstream is fine).
-        out = flat.new_empty(*x.shape[:-1], weight.shape[0])
-        out_flat = out.view(-1, weight.shape[0])
+    x: bool
+    adapter_in: bool
+    bias: bool
+    factors: tuple[bool, ...]
+
+
+def fused_forward(ctx: Any, x: torch.Tensor, adapter_in: torch.Tensor | None, weight: torch.Tensor | None,
+                  bias: torch.Tensor | None, scaling: float, factors: tuple[torch.Tensor, ...],
+                  needs: FusedNeeds) -> torch.Tensor:
+    """x W^T + b + s (adapter_in F_1^T ... F_{k-1}^T) F_k^T, saving on `ctx` what `fused_backward`
+    needs. `adapter_in` None: x itself. `weight` None: the update alone (no frozen layer to fuse
+    with, as for ColA beside a layer the fused path cannot take; then `bias` is None too)."""
+    flat = x.reshape(-1, x.shape[-1])
+    flat_in = flat if adapter_in is None else adapter_in.reshape(flat.shape)
+    # hidden[i]: the input of factor i, for i > 0 a (tokens, in_i) view of a (in_i, tokens)
+    # product: computed with its rank-sized side as the rows, where MKL is fast (it is up to
+    # 40x slower at (tokens, n) @ (n, r); measured 1.7x here on minilm-l6's layers).
+    hidden = [flat_in]
+    for factor in factors[:-1]:
+        hidden.append(torch.mm(factor, hidden[-1].T).T)
+    out_features = factors[-1].shape[0]
+    # Allocated in its final shape, so the output is no view (in-place use downstream is fine).
+    out = flat.new_empty(*x.shape[:-1], out_features)
+    out_flat = out.view(-1, out_features)
+    if weight is None:
+        last_in = hidden[-1] if scaling == 1.0 else hidden[-1] * scaling  # scaled on the rank-r side
+        torch.mm(last_in, factors[-1].T, out=out_flat)
+    else:
         if bias is None:
             torch.mm(flat, weight.T, out=out_flat)
         else:
             torch.addmm(bias, flat, weight.T, out=out_flat)
         out_flat.addmm_(hidden[-1], factors[-1].T, alpha=scaling)
 
-        ctx.scaling, ctx.adapter_separate = scaling, adapter_in is not None
-        ctx.factor_needs = factor_needs
-        ctx.input_needs = needs[0], needs[1]
-        ctx.bias_needs = needs[3]
-        # Only a trainable factor's input is kept: LoRA-XS keeps its rank-r intermediate, not x.
-        kept = [h if need else None for h, need in zip(hidden, factor_needs, strict=True)]
-        ctx.save_for_backward(weight, *factors, *kept)
-        return out
+    ctx.scaling, ctx.adapter_separate, ctx.needs = scaling, adapter_in is not None, needs
+    # Only a trainable factor's input is kept: LoRA-XS keeps its rank-r intermediate, not x.
+    kept = [h if need else None for h, need in zip(hidden, needs.factors, strict=True)]
+    ctx.save_for_backward(weight, *factors, *kept)
+    return out
+
+
+def fused_backward(ctx: Any, grad_out: torch.Tensor) -> tuple[
+        torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, list[torch.Tensor | None]]:
+    """The gradients of `fused_forward`'s x, adapter input, bias and factors (None where not needed)."""
+    needs = ctx.needs
+    k = len(needs.factors)
+    saved = ctx.saved_tensors  # once: activation checkpointing allows each unpack only once
+    weight, factors, kept = saved[0], saved[1:k + 1], saved[k + 1:]
+    grad = grad_out.reshape(-1, grad_out.shape[-1])
+    adapter_in_needed = needs.adapter_in if ctx.adapter_separate else needs.x
+    grad_factors: list[torch.Tensor | None] = [None] * k
+    # The gradient w.r.t. factor i's output, kept transposed (rank, tokens): every thin
+    # product below then has its rank-sized side as the result's rows, where MKL is fast (it
+    # is up to 40x slower at (tokens, n) @ (n, r), the unfused backward's form).
+    grad_t = grad.T
+    for i in range(k - 1, -1, -1):
+        scale = ctx.scaling if i == k - 1 else 1.0
+        if needs.factors[i]:
+            grad_factors[i] = thin_mm(grad_t, kept[i]).mul_(scale)
+        if i == 0 or not (any(needs.factors[:i]) or adapter_in_needed):
+            break
+        grad_t = torch.mm(factors[i].T, grad_t).mul_(scale)
+    grad_x = grad_adapter_in = None
+    if needs.x and weight is not None:
+        grad_x = torch.mm(grad, weight)
+    if adapter_in_needed:
+        first_scale = ctx.scaling if k == 1 else 1.0
+        if ctx.adapter_separate or grad_x is None:
+            grad_first = torch.mm(grad_t.T, factors[0]).mul_(first_scale)
+            if ctx.adapter_separate:
+                grad_adapter_in = grad_first
+            else:
+                grad_x = grad_first
+        else:
+            grad_x.addmm_(grad_t.T, factors[0], alpha=first_scale)
+    shape_in = (*grad_out.shape[:-1], factors[0].shape[1])
+    grad_x = grad_x.view(shape_in) if grad_x is not None else None
+    grad_adapter_in = grad_adapter_in.view(shape_in) if grad_adapter_in is not None else None
+    grad_bias = grad.sum(0) if needs.bias else None
+    return grad_x, grad_adapter_in, grad_bias, grad_factors
+
+
+class _FusedLowRankLinear(torch.autograd.Function):
+    """Inputs: x, the adapter's input (None: x itself), the frozen (out, in) weight, its bias
+    (or None), the scale s, then the factors F_1..F_k in Linear orientation and chain order."""
+
+    @staticmethod
+    def forward(ctx, x, adapter_in, weight, bias, scaling, *factors):  # noqa: ANN001 (autograd API)
+        n = ctx.needs_input_grad
+        return fused_forward(ctx, x, adapter_in, weight, bias, scaling, factors,
+                             FusedNeeds(n[0], n[1], n[3], n[_FIRST_FACTOR:]))
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # noqa: ANN205
-        k = len(ctx.factor_needs)
-        saved = ctx.saved_tensors  # once: activation checkpointing allows each unpack only once
-        weight, factors, kept = saved[0], saved[1:k + 1], saved[k + 1:]
-        grad = grad_out.reshape(-1, grad_out.shape[-1])
-        need_x, need_adapter_in = ctx.input_needs
-        adapter_in_needed = need_adapter_in if ctx.adapter_separate else need_x
-        grad_factors: list[torch.Tensor | None] = [None] * k
-        # The gradient w.r.t. factor i's output, kept transposed (rank, tokens): every thin
-        # product below then has its rank-sized side as the result's rows, where MKL is fast (it
-        # is up to 40x slower at (tokens, n) @ (n, r), the unfused backward's form).
-        grad_t = grad.T
-        for i in range(k - 1, -1, -1):
-            scale = ctx.scaling if i == k - 1 else 1.0
-            if ctx.factor_needs[i]:
-                grad_factors[i] = thin_mm(grad_t, kept[i]).mul_(scale)
-            if i == 0 or not (any(ctx.factor_needs[:i]) or adapter_in_needed):
-                break
-            grad_t = torch.mm(factors[i].T, grad_t).mul_(scale)
-        grad_x = grad_adapter_in = None
-        if need_x:
-            grad_x = torch.mm(grad, weight)
-        if adapter_in_needed:
-            first_scale = ctx.scaling if k == 1 else 1.0
-            if ctx.adapter_separate:
-                grad_adapter_in = torch.mm(grad_t.T, factors[0]).mul_(first_scale)
-            else:
-                grad_x.addmm_(grad_t.T, factors[0], alpha=first_scale)
-        shape_in = (*grad_out.shape[:-1], weight.shape[1])
-        grad_x = grad_x.view(shape_in) if grad_x is not None else None
-        grad_adapter_in = grad_adapter_in.view(shape_in) if grad_adapter_in is not None else None
-        grad_bias = grad.sum(0) if ctx.bias_needs else None
+        grad_x, grad_adapter_in, grad_bias, grad_factors = fused_backward(ctx, grad_out)
         return grad_x, grad_adapter_in, None, grad_bias, None, *grad_factors
 
 
@@ -124,6 +159,21 @@ def thin_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.shape[0] > b.shape[1]:
         return torch.mm(b.T, a.T).T.contiguous()
     return torch.mm(a, b)
+
+
+def fusable(layer: AdapterLayer, x: torch.Tensor, factors: tuple[torch.Tensor, ...]) -> bool:
+    """Whether `layer`'s frozen base and `factors` may go through `fused_forward` with input x:
+    the switch on, a plain Linear / Conv1D without hooks and a frozen weight, no autocast, and
+    one dtype throughout (the module docstring says why each)."""
+    base = layer.base_layer
+    if not layer.fused or type(base) not in (nn.Linear, Conv1D) or _has_hooks(base) \
+            or torch.is_autocast_enabled(x.device.type):
+        return False
+    weight = layer.weight
+    if weight.requires_grad:
+        return False
+    tensors = [weight, *factors] + ([base.bias] if base.bias is not None else [])
+    return all(t.dtype == x.dtype for t in tensors)
 
 
 class LowRankLayer(AdapterLayer):
@@ -156,15 +206,7 @@ class LowRankLayer(AdapterLayer):
 
     def fused_applies(self, x: torch.Tensor) -> bool:
         """Whether this forward may take the fused path (the module docstring says when not)."""
-        base = self.base_layer
-        if not self.fused or type(base) not in (nn.Linear, Conv1D) or _has_hooks(base) \
-                or torch.is_autocast_enabled(x.device.type):
-            return False
-        weight = self.weight
-        if weight.requires_grad:
-            return False
-        tensors = [weight, *self.factors()] + ([base.bias] if base.bias is not None else [])
-        return all(t.dtype == x.dtype for t in tensors)
+        return fusable(self, x, self.factors())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fused_applies(x):
