@@ -555,3 +555,11 @@ def test_the_fused_layer_leaves_hooks_users_and_replaced_outputs_to_the_separate
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not third.fused_applies(x)
     assert not layers(cola("llama", users=2))[0].fused_applies(x)
+
+
+def test_fused_off_is_accepted_where_a_low_rank_adapter_can_fuse():
+    """fnmodel.fused=off switches ColA's low-rank sites to the separate output (linear: refused,
+    tests/test_fused.py)."""
+    x = torch.randn(2, 3, 32)
+    assert not any(layer.fused_applies(x) for layer in layers(cola("llama", fused="off")))
+    assert all(layer.fused_applies(x) for layer in layers(cola("llama", fused="auto")))

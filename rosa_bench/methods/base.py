@@ -236,10 +236,16 @@ class Method:
         if cls.uses_rank(cfg) and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
             raise UserError(f"fnmodel.rank={cfg.rank!r} must be a positive integer for {cls.name}")
         check_choices(cfg, train_biases=BIAS_CHOICES, fused=FUSED_CHOICES)
-        if cfg.fused != "auto" and not cls.fused_path:
+        if cfg.fused != "auto" and not cls.uses_fused_path(cfg):
             with_path = sorted(m.name for m in _subclasses(Method) if m.fused_path)
             raise UserError(f"fnmodel.fused={cfg.fused!r} has no effect on {cls.name}: only "
                             f"{', '.join(with_path)} have a fused path; leave it at 'auto'")
+
+    @classmethod
+    def uses_fused_path(cls, cfg: MethodConfig) -> bool:
+        """Whether fnmodel.fused switches anything for this configuration (`fused_path`, unless
+        a method has the path for some configurations only)."""
+        return cls.fused_path
 
     @classmethod
     def uses_rank(cls, cfg: MethodConfig) -> bool:

@@ -437,6 +437,11 @@ class ColA(Method):
         return "lowrank" in cfg.adapter.split("~")
 
     @classmethod
+    def uses_fused_path(cls, cfg: ColaConfig) -> bool:
+        """A one-user low-rank site fuses the frozen layer in (`ColaLayer.fused_applies`)."""
+        return "lowrank" in cfg.adapter.split("~")
+
+    @classmethod
     def check_config(cls, cfg: ColaConfig) -> None:
         for kind in cfg.adapter.split("~"):
             if kind not in ADAPTERS:
