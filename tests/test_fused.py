@@ -249,7 +249,7 @@ def test_fallback_when_switched_off_by_config(count_fused):
 @pytest.mark.parametrize(("method", "options"), [("full", {}), ("rocoft", {"rank": 2}),
                                                  ("cola", {"adapter": "linear"}), ("peft_lora", {"rank": 2})])
 def test_switching_off_a_path_a_method_does_not_have_is_refused(method, options):
-    only = f"fnmodel.fused='off' has no effect on {method}: only lora, loraxs, rosa"
+    only = f"fnmodel.fused='off' has no effect on {method} with these options: only cola, lora, loraxs, rosa"
     with pytest.raises(UserError, match=only):
         rosa_bench.apply(tiny("llama"), method, fused="off", **options)
 

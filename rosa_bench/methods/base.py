@@ -222,7 +222,8 @@ class Method:
         "roberta": ["query", "value"],
     }
     mergeable: ClassVar[bool] = True
-    # Whether its layers have the fused low-rank path (methods/lowrank.py) that fnmodel.fused switches.
+    # Whether its layers have the fused low-rank path (methods/lowrank.py) that fnmodel.fused
+    # switches, for some configuration at least (`uses_fused_path` says for which).
     fused_path: ClassVar[bool] = False
 
     def __init__(self, cfg: MethodConfig):
@@ -238,8 +239,9 @@ class Method:
         check_choices(cfg, train_biases=BIAS_CHOICES, fused=FUSED_CHOICES)
         if cfg.fused != "auto" and not cls.uses_fused_path(cfg):
             with_path = sorted(m.name for m in _subclasses(Method) if m.fused_path)
-            raise UserError(f"fnmodel.fused={cfg.fused!r} has no effect on {cls.name}: only "
-                            f"{', '.join(with_path)} have a fused path; leave it at 'auto'")
+            raise UserError(f"fnmodel.fused={cfg.fused!r} has no effect on {cls.name} with these options: "
+                            f"only {', '.join(with_path)} have a fused path (cola with adapter=lowrank); "
+                            "leave it at 'auto'")
 
     @classmethod
     def uses_fused_path(cls, cfg: MethodConfig) -> bool:

@@ -423,6 +423,7 @@ def _positive_int(key: str, value: object) -> None:
 class ColA(Method):
     name = "cola"
     config_class = ColaConfig
+    fused_path = True  # one-user low-rank sites only (uses_fused_path)
 
     def __init__(self, cfg: ColaConfig):
         super().__init__(cfg)
