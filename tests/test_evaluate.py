@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -63,12 +64,13 @@ def test_e2e_references_are_grouped_by_meaning_representation(e2e_run):
     assert len(gen.prompts) == len(set(raw["mr"])) and sum(map(len, gen.references)) == len(raw)
 
 
-def test_no_loss_scores_the_generations_without_the_reference_rows_pass(e2e_run, monkeypatch):
+def test_no_loss_scores_the_generations_without_the_reference_rows_pass(e2e_run, monkeypatch, tmp_path):
     def loss_pass(*args, **kwargs):
         raise AssertionError("the loss pass ran")
 
     monkeypatch.setattr(ev, "evaluate_split", loss_pass)
-    result = evaluate_run(e2e_run, "validation", "last", max_samples=1, progress=False, loss=False)
+    run = shutil.copytree(e2e_run, tmp_path / "run")  # the shared run stays without score files
+    result = evaluate_run(run, "validation", "last", max_samples=1, progress=False, loss=False)
     assert "loss" not in result["scores"] and "loss_rows" not in result["scored"]
     assert {"BLEU", "ROUGE_L"} <= set(result["scores"]) and result["scored"]["inputs"] == 1
 
