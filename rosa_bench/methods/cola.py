@@ -439,8 +439,9 @@ class ColA(Method):
 
     @classmethod
     def uses_fused_path(cls, cfg: ColaConfig) -> bool:
-        """A one-user low-rank site fuses the frozen layer in (`ColaLayer.fused_applies`)."""
-        return "lowrank" in cfg.adapter.split("~")
+        """A one-user low-rank site fuses the frozen layer in (`ColaLayer.fused_applies`): the
+        configurations with a low-rank kind, the same that have a rank."""
+        return cls.uses_rank(cfg)
 
     @classmethod
     def check_config(cls, cfg: ColaConfig) -> None:
