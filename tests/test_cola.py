@@ -149,9 +149,11 @@ def _in_graph_output(site, x: torch.Tensor, capture: bool) -> torch.Tensor:
 
 def backprop_reference(model: nn.Module) -> tuple[nn.Module, list[nn.Parameter]]:
     """A copy of any ColA model (users and routing included) whose adapters sit inside the
-    backbone's graph, so that plain backprop gives their gradients."""
+    backbone's graph, so that plain backprop gives their gradients (unfused: the fused path
+    would bypass the replaced output)."""
     ref = copy.deepcopy(model)
     for layer in layers(ref):
+        layer.fused = False
         layer.site.output = partial(_in_graph_output, layer.site)
     return ref, attached_method(ref).optimizer_parameters(ref)
 
@@ -542,14 +544,14 @@ def test_the_fused_layer_trains_as_the_separate_adapter_output(monkeypatch, fami
         torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
 
 
-def test_the_fused_layer_leaves_hooks_users_and_replaced_outputs_to_the_separate_output():
+def test_the_fused_layer_leaves_hooks_users_and_the_off_switch_to_the_separate_output():
     """Fused only where the result is the separate path's: not for a hooked base layer, another
-    dtype, autocast, several users, or a site whose `output` was replaced."""
+    dtype, autocast, several users, or with the switch off."""
     x = torch.randn(2, 3, 32)
     first, second, third = layers(cola("llama"))[:3]
     assert all(layer.fused_applies(x) for layer in (first, second, third))
     first.base_layer.register_forward_hook(lambda module, args, out: None)
-    second.site.output = partial(_in_graph_output, second.site)
+    second.fused = False
     assert not first.fused_applies(x) and not second.fused_applies(x)
     assert not third.fused_applies(x.double())
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -37,9 +37,7 @@ output plus the site's separate output (`LowRankCapture` without a weight, or `A
 - for several users or another adapter kind (routing and `Site.capture` per user);
 - where `Site._lowrank_applies` says no: x off `adapter_device`, not float32, or under autocast;
 - where `lowrank.fusable` says no for the base layer: `fnmodel.fused=off`, a Linear subclass or
-  hooks on the base layer, another dtype in the frozen weight or bias;
-- where the site's `output` was replaced (the tests' backprop reference puts the adapters in the
-  graph that way): only the site's own output is fused.
+  hooks on the base layer, another dtype in the frozen weight or bias.
 Gradient checkpointing, `interval` and `discard_step` see the same thing on both paths: one
 buffered [dA, dB] entry per real backward.
 
@@ -372,11 +370,9 @@ class ColaLayer(AdapterLayer):
 
     def fused_applies(self, x: torch.Tensor) -> bool:
         """Whether a capturing forward takes `LowRankCapture` with the frozen layer fused in (the
-        module docstring lists when not). A replaced `site.output` (tests put the adapters back in
-        the graph that way) is honoured: only the site's own output is fused."""
+        module docstring lists when not)."""
         site = self.site
-        return (site._lowrank_applies(x) and getattr(site.output, "__func__", None) is Site.output
-                and fusable(self, x, (site.adapters[0].A, site.adapters[0].B)))
+        return site._lowrank_applies(x) and fusable(self, x, (site.adapters[0].A, site.adapters[0].B))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """base(x) + alpha g(x): fused for a one-user low-rank site (see `fused_applies`), else
