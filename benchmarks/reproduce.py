@@ -23,6 +23,7 @@ import shutil
 import sys
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ if str(ROOT) not in sys.path:
 
 from rosa_bench import runs  # noqa: E402
 from rosa_bench.config import DatasetConfig  # noqa: E402
-from rosa_bench.data import default_run_subdir  # noqa: E402
+from rosa_bench.data import default_run_subdir, glue  # noqa: E402
 
 WALL_FILE = "reproduce.json"  # per run: wall-clock seconds and machine load, beside metrics.json
 EXPERIMENTS = ("lr_grid", "glue", "e2e", "rank_sweep")
@@ -420,15 +421,39 @@ def stats(values) -> Stats:
     return Stats(mean, std, len(values))
 
 
-def verdict(method: Stats, lora: Stats, claim: str) -> str:
+def majority_score(task: str) -> float:
+    """The dev-set score of always answering the most frequent class: where a run that learned
+    nothing lands (its accuracy for accuracy tasks; 0 for Matthews correlation, and for
+    Pearson, which a constant prediction leaves undefined)."""
+    spec = glue.TASKS[task]
+    if not spec.labels or spec.metric != "accuracy":
+        return 0.0
+    source = DatasetConfig(name="glue", task=task, cache=os.environ.get("ROSA_BENCH_DATA"),
+                           hub_id="nyu-mll/glue")
+    labels = glue.load_raw(source)["validation"]["label"]
+    return max(Counter(labels).values()) / len(labels)
+
+
+def verdict(method: Stats, lora: Stats, claim: str, chance: float | None = None) -> str:
     """How `method` reads against LoRA. The seed spread is the larger of the two standard
-    deviations: a difference inside it is not a difference this many seeds can show."""
+    deviations: a difference inside it is not a difference this many seeds can show. With
+    `chance` (the majority-class score), a side within that spread (at least 0.01) of it
+    learned nothing, and a comparison of two such sides says nothing about the claim."""
     if method.n == 0 or lora.n == 0:
         return "not measured yet"
     delta = method.mean - lora.mean
     if method.n < 2 or lora.n < 2:
         return f"Δ {delta:+.3f}; one seed, no spread to judge it by"
     spread = max(method.std, lora.std)
+    if chance is not None:
+        near = max(spread, 0.01)
+        unlearned = [name for name, s in (("the method", method), ("LoRA", lora)) if s.mean - chance <= near]
+        if len(unlearned) == 2:
+            return (f"Δ {delta:+.3f}; both within {near:.3f} of the majority-class score ({chance:.3f}): "
+                    "neither learned the task at this budget, so this says nothing about the claim")
+        if unlearned:
+            return (verdict(method, lora, claim) + f"; but {unlearned[0]} is within {near:.3f} of the "
+                    f"majority-class score ({chance:.3f})")
     if abs(delta) <= spread:
         where = "inside the seed spread"
         return f"Δ {delta:+.3f}, {where} ({spread:.3f}): " + (
@@ -535,13 +560,18 @@ def _glue_section(preset: Preset, df, lrs: dict) -> tuple[list[str], dict]:
                      _lr_text(lrs[m.key]) if lrs.get(m.key) else "–",
                      *[cells[t].text() for t in preset.glue_tasks], f"{_mean(mine.train_s):.0f}"
                      if len(mine) else "–"])
-    lines = [md_table(header, rows), ""]
+    chance = {t: majority_score(t) for t in preset.glue_tasks}
+    rows.append(["*majority class*", "0", "–", *[f"{chance[t]:.3f}" for t in preset.glue_tasks], "–"])
+    numbers["majority_class"] = chance
+    lines = [md_table(header, rows), "",
+             "*majority class*: the score of always answering the dev set's most frequent class, the "
+             "level of a run that learned nothing (0 for Matthews and Pearson correlation).", ""]
     lines += ["How each paper's claim reads here (Δ = method − LoRA, best validation score, per task):", ""]
     claim_rows = []
     for key, kind, text in CLAIMS:
         if key not in numbers or "lora" not in numbers:
             continue
-        readings = [[text, t, verdict(Stats(**numbers[key][t]), Stats(**numbers["lora"][t]), kind)]
+        readings = [[text, t, verdict(Stats(**numbers[key][t]), Stats(**numbers["lora"][t]), kind, chance[t])]
                     for t in preset.glue_tasks]
         measured = [r for r in readings if r[2] != "not measured yet"]
         claim_rows += measured or [[text, "–", "not measured yet"]]
@@ -657,6 +687,18 @@ def quiet_projection(df, cpus: int) -> tuple[float, int]:
     return total / 3600, unmeasured
 
 
+READING_MARKS = ("<!-- reading: written by hand against the committed runs; --report keeps it -->",
+                 "<!-- /reading -->")
+
+
+def kept_reading(doc: Path) -> list[str]:
+    """The hand-written reading of the previous report, carried over word for word: regenerating
+    the tables must not erase the prose that interprets them."""
+    text = doc.read_text() if doc.is_file() else ""
+    start, end = text.find(READING_MARKS[0]), text.find(READING_MARKS[1])
+    return [text[start:end + len(READING_MARKS[1])], ""] if 0 <= start < end else []
+
+
 def write_report(preset: Preset, out: Path, results: Path, doc: Path, command: str) -> None:
     """CSV/JSON of every planned run, figures.py's figures and tables per experiment, and the
     Markdown report that reads them against the papers' claims."""
@@ -688,6 +730,7 @@ def write_report(preset: Preset, out: Path, results: Path, doc: Path, command: s
         "and continues; `--report` rewrites this page from what is finished). Numbers behind every "
         f"table: [`runs.csv`]({rel(results / 'runs.csv')}) (one row per planned run, finished or not) "
         f"and [`summary.json`]({rel(results / 'summary.json')}).", "",
+        *kept_reading(doc),
         "## Protocol", "",
         f"- GLUE with `{preset.glue_model}` on {', '.join(preset.glue_tasks)}: {preset.glue_budget.note}. "
         f"Rank {preset.rank} for every low-rank method (RoCoFT: {preset.rank} rows or columns), all on the "

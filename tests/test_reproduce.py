@@ -224,3 +224,42 @@ def test_the_quiet_projection_uses_runs_that_ran_alone_and_errs_long_elsewhere()
     hours, unmeasured = reproduce.quiet_projection(df, cpus=2)
     assert unmeasured == 1
     assert hours * 3600 == pytest.approx(3 * 120 + 120 + 120 + 2 * 70 + 70)
+
+
+def test_the_majority_class_level_is_the_dev_sets_most_frequent_label(data_root):
+    """Counted here straight from the official TSVs: MRPC's label is the first column, RTE's
+    the last."""
+    import csv
+
+    def share(path: Path, column: int) -> float:
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]
+        labels = [row[column] for row in rows]
+        return max(labels.count(v) for v in set(labels)) / len(labels)
+
+    assert reproduce.majority_score("mrpc") == pytest.approx(share(data_root / "glue/MRPC/dev.tsv", 0))
+    assert reproduce.majority_score("rte") == pytest.approx(share(data_root / "glue/RTE/dev.tsv", -1))
+    assert 0.5 < reproduce.majority_score("mrpc") < 0.75
+    assert reproduce.majority_score("cola") == 0.0 and reproduce.majority_score("stsb") == 0.0
+
+
+def test_two_runs_at_the_majority_class_level_say_nothing_about_a_claim():
+    stuck, learned = reproduce.Stats(0.684, 0.0, 3), reproduce.Stats(0.75, 0.01, 3)
+    assert "says nothing about the claim" in reproduce.verdict(stuck, stuck, "close", chance=0.684)
+    assert "agrees (close)" in reproduce.verdict(stuck, stuck, "close")  # without the level: vacuous
+    one_side = reproduce.verdict(learned, stuck, "close", chance=0.684)
+    assert one_side.startswith("Δ +0.066, above the seed spread") and "but LoRA is within 0.010" in one_side
+    other_side = reproduce.verdict(stuck, learned, "geq", chance=0.684)
+    assert "disagrees" in other_side and "but the method is within 0.010" in other_side
+    assert reproduce.verdict(learned, learned, "geq", chance=0.684).endswith("no advantage shown")
+
+
+def test_regenerating_the_report_keeps_its_hand_written_reading(tree):
+    doc = tree["out"] / "results.md"
+    start, end = reproduce.READING_MARKS
+    reading = f"{start}\n## Reading\n\nROSA and LoRA tie here.\n{end}"
+    doc.write_text(doc.read_text().replace("## Protocol", reading + "\n\n## Protocol", 1))
+    reproduce.write_report(PRESET, tree["out"] / "runs", tree["out"] / "results", doc, "cmd")
+    text = doc.read_text()
+    assert text.count(reading) == 1 and text.index(reading) < text.index("## Protocol")
+    assert "Status: **complete**" in text and "## GLUE" in text
