@@ -302,16 +302,21 @@ def plan(preset: Preset, out: Path) -> list[Job]:
 
 # ---- running ----------------------------------------------------------------------------------
 
-def train_in_process(overrides: list[str]) -> None:
+def run_config(overrides: list[str]):
+    """The validated config train.py would run with these overrides (conf/ composed by Hydra)."""
     from hydra import compose, initialize_config_dir
 
     from rosa_bench.cli import CONF_DIR, normalize_overrides
     from rosa_bench.config import validate
-    from rosa_bench.pipeline import train
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=normalize_overrides(overrides))
-    train(validate(cfg), overrides)
+        return validate(compose(config_name="config", overrides=normalize_overrides(overrides)))
+
+
+def train_in_process(overrides: list[str]) -> None:
+    from rosa_bench.pipeline import train
+
+    train(run_config(overrides), overrides)
 
 
 def evaluate_test(folder: Path, max_samples: int | None) -> None:
@@ -428,8 +433,7 @@ def majority_score(task: str) -> float:
     spec = glue.TASKS[task]
     if not spec.labels or spec.metric != "accuracy":
         return 0.0
-    source = DatasetConfig(name="glue", task=task, cache=os.environ.get("ROSA_BENCH_DATA"),
-                           hub_id="nyu-mll/glue")
+    source = run_config(["dataset=glue", f"dataset.task={task}"]).dataset
     labels = glue.load_raw(source)["validation"]["label"]
     return max(Counter(labels).values()) / len(labels)
 

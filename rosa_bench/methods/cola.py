@@ -365,8 +365,13 @@ class ColaLayer(AdapterLayer):
         super().__init__(base_layer)
         self.site = site
 
+    @property
+    def capturing(self) -> bool:
+        """A training forward whose backward will run: the one that captures gradients."""
+        return self.training and torch.is_grad_enabled()
+
     def update(self, x: torch.Tensor) -> torch.Tensor:
-        return self.site.output(x, capture=self.training and torch.is_grad_enabled())
+        return self.site.output(x, capture=self.capturing)
 
     def fused_applies(self, x: torch.Tensor) -> bool:
         """Whether a capturing forward takes `LowRankCapture` with the frozen layer fused in (the
@@ -379,8 +384,7 @@ class ColaLayer(AdapterLayer):
         summed into the frozen layer's fresh output where the two agree in dtype (no autocast):
         a (tokens, out) tensor fewer per layer. The frozen layer's backward does not read its
         output, so the in-place sum is safe for autograd."""
-        capture = self.training and torch.is_grad_enabled()
-        if capture and self.fused_applies(x):
+        if self.capturing and self.fused_applies(x):
             return LowRankCapture.apply(x, self.site._anchor, self.site, self.weight, self.base_layer.bias)
         out = self.base_layer(x)
         update = self.update(x)
