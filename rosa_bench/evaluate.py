@@ -32,7 +32,7 @@ from rosa_bench.errors import UserError, choices_error
 from rosa_bench.generation import generate
 from rosa_bench.metrics import GENERATION_SCORERS
 from rosa_bench.train import checkpoint as ckpt
-from rosa_bench.train.evaluation import evaluate_split
+from rosa_bench.train.evaluation import evaluate_split, length_sorted_loader
 from rosa_bench.train.logger import RunLogger
 
 CHECKPOINTS = ("best", "last")
@@ -203,7 +203,7 @@ def causal_scores(model: nn.Module, parts: Any, split: str, limit: int | None, p
     full_gen = task.generation_sets.get(split)
     if split in task.splits and (loss or full_gen is None):
         rows = loss_rows(task.splits[split], full_gen, limit)
-        loader = DataLoader(rows, batch_size=task.generation.batch_size, collate_fn=task.collate)
+        loader = length_sorted_loader(rows, task.generation.batch_size, task.collate)
         scores |= evaluate_split(model, task, loader, next(model.parameters()).device)
         scored |= {"loss_rows": len(rows), "inputs": len(rows), "inputs_in_split": len(task.splits[split])}
     if full_gen is not None:

@@ -1,7 +1,9 @@
 """Validation during training: loss / perplexity for causal tasks, the task metric for
 classification and regression, and a few greedy generations as text samples. With several
 processes each scores its own shard and the totals are gathered, so every process gets the
-scores one process would compute."""
+scores one process would compute. Validation batches hold rows of similar length: padding
+costs as much as tokens, and every score here is a sum or a metric of the whole split, so the
+order of the rows changes nothing but the time."""
 
 from __future__ import annotations
 
@@ -17,6 +19,13 @@ from rosa_bench.config import GenerationConfig
 from rosa_bench.data.task import Task
 from rosa_bench.generation import batches, generate
 from rosa_bench.train import distributed
+
+
+def length_sorted_loader(rows: Any, batch_size: int, collate: Any, **options: Any) -> DataLoader:
+    """A loader over `rows` (tokenized, with input_ids) in batches of similar length, longest
+    first (so the peak memory shows at once); for order-free scores only."""
+    lengths = [len(ids) for ids in rows["input_ids"]]
+    return DataLoader(rows, batch_sampler=batches(lengths, batch_size, None), collate_fn=collate, **options)
 
 
 @torch.no_grad()

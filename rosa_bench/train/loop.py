@@ -29,7 +29,12 @@ from rosa_bench.methods.base import Method, is_head, trainable_parameter_count
 from rosa_bench.models import enable_gradient_checkpointing
 from rosa_bench.train import checkpoint as ckpt
 from rosa_bench.train import distributed
-from rosa_bench.train.evaluation import evaluate_split, generate_samples, sharded_generate
+from rosa_bench.train.evaluation import (
+    evaluate_split,
+    generate_samples,
+    length_sorted_loader,
+    sharded_generate,
+)
 from rosa_bench.train.guard import NonFiniteGuard
 from rosa_bench.train.logger import RunLogger, run_hparams
 from rosa_bench.train.loss import check_label_smoothing, training_loss
@@ -82,9 +87,10 @@ class Trainer:
                            # its own generator: starting (or skipping into) an epoch draws no
                            # number from the global RNG, so a resumed run's dropout stays in step
                            generator=torch.Generator().manual_seed(self.run.seed))
-        evals = {s: DataLoader(distributed.shard(self.task.splits[s]),  # gathered in evaluate_split
-                               batch_size=t.eval_batch_size or t.batch_size, collate_fn=self.task.collate,
-                               num_workers=t.num_workers, worker_init_fn=distributed.ignore_stop_signals)
+        evals = {s: length_sorted_loader(distributed.shard(self.task.splits[s]),  # gathered in evaluate_split
+                                         t.eval_batch_size or t.batch_size, self.task.collate,
+                                         num_workers=t.num_workers,
+                                         worker_init_fn=distributed.ignore_stop_signals)
                  for s in self.task.validation_splits}
         return train, evals
 
