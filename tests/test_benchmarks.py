@@ -115,3 +115,15 @@ def test_layer_benchmark_times_every_variant_of_a_small_layer():
         assert row[f"{method}_vs_floor"] == row[f"{method}_ms"] / row["floor_ms"]
         bound = (row["floor_ms"] + row[f"thin_{method}_ms"]) / row["floor_ms"]
         assert row[f"{method}_bound_vs_floor"] == bound
+
+
+def test_generation_benchmark_times_every_variant_and_batch_size(tmp_path):
+    from benchmarks import generate as bench
+
+    out = tmp_path / "generate.json"
+    bench.main(["--model", "tiny-llama", "--prompts", "4", "--repeats", "1", "--max-new-tokens", "2",
+                "--num-beams", "2", "--batch-sizes", "2,4", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert set(result["sequences_per_s"]) == {"base", "lora_unmerged", "lora_merged", "base_batch4"}
+    assert all(rate > 0 for rate in result["sequences_per_s"].values())
+    assert result["batch_size"] == 2 and result["num_beams"] == 2
