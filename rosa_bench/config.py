@@ -49,6 +49,7 @@ class GenerationConfig:
     no_repeat_ngram_size: int = 0
     stop_at_blank_line: bool = True  # cut the output at the first empty line
     batch_size: int = 16
+    precision: str = "fp32"  # fp32 | bf16 | fp16: evaluate.py decodes with the weights in this dtype
 
 
 @dataclass
@@ -269,6 +270,7 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
         _check_positive(f"dataset.generation.{key}", getattr(run.dataset.generation, key))
     _check_positive("dataset.generation.no_repeat_ngram_size", run.dataset.generation.no_repeat_ngram_size,
                     allow_zero=True)
+    _check_choice("dataset.generation.precision", run.dataset.generation.precision, PRECISIONS)
     if not 0.0 <= t.label_smoothing < 1.0:
         raise UserError(f"train.label_smoothing={t.label_smoothing!r} must be in [0, 1)")
     if not 0.0 <= t.warmup_ratio < 1.0:

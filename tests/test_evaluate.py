@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from rosa_bench import evaluate as ev
 from rosa_bench.config import GenerationConfig
@@ -302,3 +303,30 @@ def test_e2e_scorer_loads_offline_as_an_evaluate_module(tmp_path):
     found = scores_through_evaluate(tmp_path, {"e2e": (NLG_PREDICTIONS, NLG_REFERENCES)})
     expected = our_scores("e2e", NLG_PREDICTIONS, NLG_REFERENCES)
     assert found["e2e"] == json.loads(json.dumps(expected)) and expected["BLEU"] > 0
+
+
+def test_decoding_precision_casts_for_generation_only(e2e_run, cheap_e2e_scorer, monkeypatch, tmp_path):
+    """dataset.generation.precision=bf16: the loss pass runs in fp32, the decoding in bf16, and
+    the score file is named and recorded with it."""
+    seen = {}
+
+    def spy(name, real):
+        def wrapped(model, *args, **kwargs):
+            seen[name] = next(model.parameters()).dtype
+            return real(model, *args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(ev, "evaluate_split", spy("loss", ev.evaluate_split))
+    monkeypatch.setattr(ev, "generate", spy("decode", ev.generate))
+    run = shutil.copytree(e2e_run, tmp_path / "run")
+    result = evaluate_run(run, "validation", "last", max_samples=2, progress=False,
+                          overrides=["dataset.generation.precision=bf16"])
+    assert seen == {"loss": torch.float32, "decode": torch.bfloat16}
+    assert result["generation"]["precision"] == "bf16" and result["scores"]["predictions"] == 2
+    assert (run / "eval_validation,precision=bf16.json").is_file()
+
+
+def test_unknown_decoding_precision_names_the_choices(e2e_run):
+    with pytest.raises(UserError, match=r"dataset.generation.precision.*fp8.*fp32, bf16, fp16"):
+        evaluate_run(e2e_run, "validation", "last", max_samples=1, progress=False,
+                     overrides=["dataset.generation.precision=fp8"])
