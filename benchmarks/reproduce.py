@@ -134,7 +134,7 @@ PRESETS = {
                           f"{E2E_STEPS} steps of batch 8 (1,200 shuffled training rows), AdamW, linear decay "
                           "after 6% warm-up, bf16 autocast (fp32 weights); validation loss on the first 400 "
                           "dev rows every 25 steps; test decoding with bf16 weights (bf16 takes about half "
-                          "the fp32 time on this CPU, which is what fits the plan in 6 h)",
+                          "the fp32 time on this CPU, chosen to bring the plan toward 6 h)",
                           rosa_every=E2E_STEPS // 4),
         extra=("logging.progress=false", "logging.log_every=4"),
         time_note=(

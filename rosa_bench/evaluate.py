@@ -36,11 +36,11 @@ from rosa_bench.train.evaluation import evaluate_split, length_sorted_loader
 from rosa_bench.train.logger import RunLogger
 
 CHECKPOINTS = ("best", "last")
-# What evaluate.py may change in a trained run's config: how outputs are decoded and scored,
-# where data and converted models are read from. Everything else shaped the trained model.
 # dataset.generation.precision: decoding in bf16 takes about half the fp32 time on a CPU with
 # bf16 instructions (and on GPUs), at the cost of bf16 rounding in the beams' scores.
 DECODING_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# What evaluate.py may change in a trained run's config: how outputs are decoded and scored,
+# where data and converted models are read from. Everything else shaped the trained model.
 EVAL_OVERRIDES = ("dataset.generation.", "dataset.cache", "model.cache_dir", "train.eval_batch_size",
                   "fnmodel.adapter_device")
 # Overrides that change no output (only speed or file locations): not part of output names.
