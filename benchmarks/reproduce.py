@@ -117,10 +117,10 @@ PRESETS = {
         glue_methods=method_specs(8), glue_targets="[query,value]",
         glue_budget=Budget(("dataset.max_train_samples=2000", "train.epochs=1", "train.batch_size=32",
                             "train.eval_batch_size=64", "train.scheduler=linear", "train.warmup_ratio=0.06",
-                            "logging.eval_every=16"),
+                            "logging.eval_every=16", "train.precision=bf16"),
                            f"the first 2,000 training rows, 1 epoch ({GLUE_STEPS} steps of batch 32), AdamW, "
-                           "linear decay after 6% warm-up, weight decay 0, gradient clipping 1.0; the "
-                           "full dev set evaluated at steps 16, 32, 48 and 63",
+                           "linear decay after 6% warm-up, weight decay 0, gradient clipping 1.0, bf16 "
+                           "autocast (fp32 weights); the full dev set evaluated at steps 16, 32, 48 and 63",
                            rosa_every=GLUE_STEPS // 4),
         lr_grid={"full": (2e-5, 5e-5, 1e-4, 2e-4), "loraxs": (5e-4, 1e-3, 2e-3, 5e-3, 1e-2),
                  "*": (2e-4, 5e-4, 1e-3, 2e-3, 5e-3)}, grid_widen=3,
@@ -133,8 +133,8 @@ PRESETS = {
                            "dataset.generation.precision=bf16"),
                           f"{E2E_STEPS} steps of batch 8 (1,200 shuffled training rows), AdamW, linear decay "
                           "after 6% warm-up, bf16 autocast (fp32 weights); validation loss on the first 400 "
-                          "dev rows every 25 steps; test decoding with bf16 weights (bf16 takes about half "
-                          "the fp32 time on this CPU, chosen to bring the plan toward 6 h)",
+                          "dev rows every 25 steps; test decoding with bf16 weights (about half the fp32 "
+                          "time on this CPU; see the time note)",
                           rosa_every=E2E_STEPS // 4),
         extra=("logging.progress=false", "logging.log_every=4"),
         time_note=(
@@ -142,11 +142,17 @@ PRESETS = {
             "0.74 s per LoRA step of 32 x 64 tokens, 1.1 s full; smollm2-135m 4.1 s per LoRA step of "
             "8 x 128 tokens, 6.6 s full): about 45 s per GLUE run (63 steps on short sentences plus "
             "four dev-set passes) x 182 runs = 2.3 h, and about 30 min per E2E run (150 steps, "
-            "validation and beam-10 decoding of 630 MRs) x 5 = 2.5 h. Measured, GLUE runs take "
-            "longer than sized (model loading, tokenization and RTE's long pairs: 50-135 s alone; "
-            "the projection below). Once that showed, the E2E test-set loss (4,693 reference rows, "
-            "about 11 min per run here; not among the E2E scores asked for) was dropped from the "
-            "plan (`evaluate.py --no-loss`) before any E2E run started."),
+            "validation and beam-10 decoding of 630 MRs) x 5 = 2.5 h. Run in fp32, the plan measured "
+            "7.2 h (those runs are in git history at e6347b2): the sizing had left out the GLUE dev "
+            "passes (16-63% of a GLUE run) and E2E's beam search (about 20 min a run). Three changes "
+            "that keep every budget's rows, steps and protocol brought it down: validation in "
+            "length-sorted batches (scores move by at most 1.4e-7; `benchmarks/results/eval_order.json`), "
+            "bf16 autocast over fp32 weights for training and validation on both datasets, and bf16 "
+            "weights for E2E decoding (this CPU has bf16 instructions; E2E full fine-tuning took "
+            "0.69x its fp32 time with scores within 0.15 points, see diagnostics/e2e_fp32). Earlier, "
+            "the E2E test-set loss (4,693 reference rows, about 11 min per run here; not among the E2E "
+            "scores asked for) was dropped from the plan (`evaluate.py --no-loss`) before any E2E run "
+            "started."),
     ),
     "smoke": Preset(
         glue_model="tiny-bert", glue_tasks=("rte", "stsb"),
@@ -183,13 +189,21 @@ class Job:
     def name(self) -> str:
         return self.folder.name
 
+    def stale(self) -> bool:
+        """The folder holds a run started with other settings than this job's (the preset
+        changed since): its scores must not stand for this job's."""
+        recorded = runs.read_overrides(self.folder)
+        return recorded is not None and recorded != self.overrides
+
     def done(self) -> bool:
-        complete = runs.is_complete(self.folder)
+        complete = runs.is_complete(self.folder) and not self.stale()
         return complete and (not self.evaluate_test or (self.folder / "eval_test.json").is_file())
 
     def status(self) -> str:
         if self.lr is None:
             return "waiting for the learning-rate grid"
+        if self.stale():
+            return "stale: made with other settings"
         if self.done():
             return "done"
         return "unfinished" if (self.folder / runs.CONFIG_FILE).is_file() else "to run"
@@ -358,14 +372,38 @@ def run_job(job: Job, preset: Preset, keep_checkpoints: bool, runner: Runner = R
         shutil.rmtree(job.folder / runs.CHECKPOINTS, ignore_errors=True)
 
 
+class StaleRuns(Exception):
+    """Run folders made with other settings than the plan's: neither trusted nor overwritten."""
+
+
+def stale_message(jobs: list[Job], shown: int = 5) -> str:
+    lines = [f"{len(jobs)} planned run folder(s) hold runs made with other settings than the plan's "
+             "(the preset changed since they ran). Their scores would not stand for the plan, and "
+             "they are not overwritten: remove them (committed runs stay in git history) or restore "
+             "the settings. `--plan` lists them all as 'stale'."]
+    for job in jobs[:shown]:
+        recorded = runs.read_overrides(job.folder) or []
+        added = [o for o in job.overrides if o not in recorded]
+        dropped = [o for o in recorded if o not in job.overrides]
+        lines.append(f"  {job.folder}: only in the plan {added}, only in the run {dropped}")
+    if len(jobs) > shown:
+        lines.append(f"  ... and {len(jobs) - shown} more")
+    return "\n".join(lines)
+
+
 def run_all(preset: Preset, out: Path, keep_checkpoints: bool = False, log: Callable[[str], None] = print,
             runner: Runner = Runner()) -> list[str]:
     """Run the next runnable job until none is left (re-planning after each: the grid's
-    result decides later learning rates). Returns the folders of runs that failed."""
+    result decides later learning rates). Returns the folders of runs that failed. Raises
+    StaleRuns, before training anything further, when a planned folder holds a run made with
+    other settings."""
     failed: list[str] = []
     while True:
-        todo = [j for j in plan(preset, out) if j.lr is not None and not j.done()
-                and str(j.folder) not in failed]
+        runnable = [j for j in plan(preset, out) if j.lr is not None]
+        stale = [j for j in runnable if j.stale()]
+        if stale:
+            raise StaleRuns(stale_message(stale))
+        todo = [j for j in runnable if not j.done() and str(j.folder) not in failed]
         if not todo:
             return failed
         job = todo[0]
@@ -827,8 +865,12 @@ def main(argv: list[str]) -> int:
         for job in plan(preset, out):
             print(f"{job.status():>35}  {job.experiment}/{job.task}/{job.name}")
         return 0
-    failed = [] if args.report else run_all(preset, out, args.keep_checkpoints,
-                                             log=lambda s: print(s, flush=True))
+    try:
+        failed = [] if args.report else run_all(preset, out, args.keep_checkpoints,
+                                                 log=lambda s: print(s, flush=True))
+    except StaleRuns as err:
+        print(err, file=sys.stderr)
+        return 2
     write_report(preset, out, Path(args.results), Path(args.doc), command)
     for folder in failed:
         print(f"failed (see the log above; rerun to retry): {folder}")

@@ -134,6 +134,20 @@ def write_config(folder: Path, run: RunConfig, overrides: list[str]) -> None:
     atomic_write_text(folder / OVERRIDES_FILE, OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
 
 
+def read_overrides(folder: Path) -> list[str] | None:
+    """The command-line overrides a run was started with (None when the folder has none)."""
+    path = Path(folder) / OVERRIDES_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(path))
+    except (YAMLError, OmegaConfBaseException, UnicodeDecodeError) as err:
+        raise CorruptFile(f"{path} is not a valid override list ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, list):
+        raise CorruptFile(f"{path} is not a valid override list (not a list)")
+    return [str(item) for item in data]
+
+
 def _load_config(folder: Path) -> Any:
     path = Path(folder) / CONFIG_FILE
     if not path.is_file():

@@ -128,6 +128,23 @@ def test_the_sweep_trains_every_rank_on_the_same_layers_and_budget(tree):
     assert {(c.train.max_steps, c.dataset.max_train_samples) for c in configs} == {(2, 8)}
 
 
+def test_runs_made_with_other_settings_are_stale_and_stop_the_command_before_it_trains(tree):
+    out = tree["out"] / "runs"
+    budget = dataclasses.replace(PRESET.glue_budget,
+                                 overrides=(*PRESET.glue_budget.overrides, "train.weight_decay=0.1"))
+    changed = dataclasses.replace(PRESET, glue_budget=budget)
+    grid = [j for j in reproduce.plan(changed, out) if j.experiment == "lr_grid"]
+    assert grid and all(j.stale() and not j.done() for j in grid)
+    assert {j.status() for j in grid} == {"stale: made with other settings"}
+    trained = []
+    with pytest.raises(reproduce.StaleRuns, match=r"only in the plan \['train.weight_decay=0.1'\]"):
+        reproduce.run_all(changed, out, log=lambda s: None,
+                          runner=reproduce.Runner(trained.append, fake_scores))
+    assert trained == []
+    assert all(runs.is_complete(j.folder) for j in grid)  # neither trusted nor overwritten
+    assert all(j.done() and not j.stale() for j in reproduce.plan(PRESET, out))  # the recorded overrides
+
+
 def test_the_partial_report_says_so_and_lists_what_is_left(tree):
     text = (tree["out"] / "partial.md").read_text()
     assert "PARTIAL: 4 of" in text and "## Still to run" in text and "Resume with `cmd`" in text
