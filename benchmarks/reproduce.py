@@ -342,10 +342,13 @@ def evaluate_test(folder: Path, max_samples: int | None) -> None:
     evaluate_run(folder, "test", "best", max_samples, progress=False, loss=False)
 
 
-def _add_wall(folder: Path, key: str, seconds: float, load: tuple[float, float]) -> None:
+def _add_wall(folder: Path, key: str, seconds: float, load: tuple[float, float],
+              resumed: bool = False) -> None:
     path = folder / WALL_FILE
     record = runs.read_json(path) if path.is_file() else {}
     record[key] = record.get(key, 0.0) + seconds  # resumed runs add their sessions up
+    # a stopped session's seconds were never recorded, so a resumed run's time is not its cost
+    record["resumed"] = bool(record.get("resumed")) or resumed
     record.setdefault("load_1min", []).extend(round(x, 2) for x in load)
     record["cpus"] = os.cpu_count()
     runs.write_json(path, record)
@@ -361,9 +364,10 @@ class Runner:
 
 def run_job(job: Job, preset: Preset, keep_checkpoints: bool, runner: Runner = Runner()) -> None:
     if not runs.is_complete(job.folder):
+        resumed = (job.folder / runs.CONFIG_FILE).is_file()
         start, load = time.perf_counter(), os.getloadavg()[0]
         runner.train(job.overrides)
-        _add_wall(job.folder, "train_s", time.perf_counter() - start, (load, os.getloadavg()[0]))
+        _add_wall(job.folder, "train_s", time.perf_counter() - start, (load, os.getloadavg()[0]), resumed)
     if job.evaluate_test and not (job.folder / "eval_test.json").is_file():
         start, load = time.perf_counter(), os.getloadavg()[0]
         runner.evaluate(job.folder, preset.e2e_test_samples)
@@ -432,7 +436,8 @@ def job_record(job: Job) -> dict:
     record |= {f"valid/{k}": v for k, v in (best.get("scores") or {}).items()}
     timing = wall(job.folder)
     record |= {"train_s": timing.get("train_s"), "test_s": timing.get("test_s"),
-               "load_1min_max": max(timing.get("load_1min") or [math.nan])}
+               "load_1min_max": max(timing.get("load_1min") or [math.nan]),
+               "resumed": bool(timing.get("resumed"))}
     test = job.folder / "eval_test.json"
     if test.is_file():
         record |= {f"test/{k}": v for k, v in runs.read_json(test)["scores"].items()}
@@ -715,9 +720,11 @@ def quiet_projection(df, cpus: int) -> tuple[float, int]:
     runs that ran alone (1-minute load at their start and end at most cpus + 0.6): each planned
     run counts its group's median, the group being (experiment, task), else the task (the rank
     sweep's runs take the GLUE task's median). A group none of whose runs ran alone counts its
-    fastest finished run (at least its time alone, so the projection errs long). Returns (hours,
-    planned runs with no measured group)."""
-    done = df[df.status == "done"].assign(s=df.train_s.fillna(0) + df.test_s.fillna(0))
+    fastest finished run (at least its time alone, so the projection errs long). Resumed runs
+    measure nothing: their stopped session's time was never recorded. Returns (hours, planned
+    runs with no measured group)."""
+    done = df[(df.status == "done") & ~df.resumed.astype(bool)]
+    done = done.assign(s=done.train_s.fillna(0) + done.test_s.fillna(0))
     alone = done[done.load_1min_max <= cpus + 0.6]
     by_group = done.groupby(["experiment", "task"]).s.min().to_dict()
     by_group |= alone.groupby(["experiment", "task"]).s.median().to_dict()
@@ -807,7 +814,8 @@ def write_report(preset: Preset, out: Path, results: Path, doc: Path, command: s
         f"seen at a run's start or end: {summary['max_load_1min']}); wall-clock is therefore inflated "
         f"and noisy, useful only as a rough ratio between methods. Total wall-clock of the finished "
         f"runs: {total_s / 3600:.2f} h. Projected for the whole plan on this machine doing nothing "
-        f"else (per task, the median wall-clock of the runs that ran alone, else its fastest run): "
+        f"else (per task, the median wall-clock of the runs that ran alone, else its fastest run; "
+        f"resumed runs left out, their stopped sessions unrecorded): "
         f"{quiet_h:.1f} h"
         + (f" plus {unmeasured} run(s) of kinds not measured yet." if unmeasured else ".")
         + ("" if unmeasured or quiet_h <= 6 else " That is over the 6 h this plan was sized for: see the "

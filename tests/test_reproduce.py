@@ -229,18 +229,33 @@ def test_a_finished_run_of_an_earlier_grid_is_kept_and_can_win(tmp_path):
 
 def test_the_quiet_projection_uses_runs_that_ran_alone_and_errs_long_elsewhere():
     df = pd.DataFrame([
-        # (experiment, task, status, train_s, test_s, load at start/end at most)
-        ("glue", "rte", "done", 100.0, None, 2.0), ("glue", "rte", "done", 140.0, None, 2.2),
-        ("glue", "rte", "done", 400.0, None, 7.0),  # contended: not a measure of the time alone
-        ("glue", "cola", "done", 90.0, None, 5.0), ("glue", "cola", "done", 70.0, None, 4.0),
-        ("glue", "rte", "to run", None, None, None),  # counts rte's median alone, 120 s
-        ("rank_sweep", "rte", "to run", None, None, None),  # no sweep run yet: the task's 120 s
-        ("glue", "cola", "to run", None, None, None),  # no cola run ran alone: its fastest, 70 s
-        ("e2e", "e2e", "to run", None, None, None),  # nothing measured
-    ], columns=["experiment", "task", "status", "train_s", "test_s", "load_1min_max"])
+        # (experiment, task, status, train_s, test_s, load at start/end at most, resumed)
+        ("glue", "rte", "done", 100.0, None, 2.0, False), ("glue", "rte", "done", 140.0, None, 2.2, False),
+        ("glue", "rte", "done", 400.0, None, 7.0, False),  # contended: not a measure of the time alone
+        ("glue", "rte", "done", 10.0, None, 2.0, True),  # resumed: its first session went unrecorded
+        ("glue", "cola", "done", 90.0, None, 5.0, False), ("glue", "cola", "done", 70.0, None, 4.0, False),
+        ("glue", "cola", "done", 20.0, None, 4.0, True),  # resumed: not even the fastest alone
+        ("glue", "rte", "to run", None, None, None, False),  # counts rte's median alone, 120 s
+        ("rank_sweep", "rte", "to run", None, None, None, False),  # no sweep run yet: the task's 120 s
+        ("glue", "cola", "to run", None, None, None, False),  # no cola run ran alone: its fastest, 70 s
+        ("e2e", "e2e", "to run", None, None, None, False),  # nothing measured
+    ], columns=["experiment", "task", "status", "train_s", "test_s", "load_1min_max", "resumed"])
     hours, unmeasured = reproduce.quiet_projection(df, cpus=2)
     assert unmeasured == 1
-    assert hours * 3600 == pytest.approx(3 * 120 + 120 + 120 + 2 * 70 + 70)
+    assert hours * 3600 == pytest.approx(4 * 120 + 120 + 120 + 3 * 70 + 70)
+
+
+def test_a_resumed_run_is_marked_so_the_projection_leaves_it_out(tmp_path):
+    def finish(job):
+        return lambda overrides: runs.write_json(job.folder / runs.METRICS_FILE, {"complete": True})
+
+    fresh, resumed = (reproduce.make_job(PRESET, tmp_path, "glue", "rte", PRESET.glue_methods[0], 1e-3, seed)
+                      for seed in (0, 1))
+    resumed.folder.mkdir(parents=True)
+    (resumed.folder / runs.CONFIG_FILE).write_text("{}\n")  # what an interrupted run leaves
+    for job in (fresh, resumed):
+        reproduce.run_job(job, PRESET, False, reproduce.Runner(finish(job), fake_scores))
+    assert [reproduce.job_record(job)["resumed"] for job in (fresh, resumed)] == [False, True]
 
 
 def test_the_majority_class_level_is_the_dev_sets_most_frequent_label(data_root):
