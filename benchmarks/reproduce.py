@@ -191,9 +191,10 @@ class Job:
 
     def stale(self) -> bool:
         """The folder holds a run started with other settings than this job's (the preset
-        changed since): its scores must not stand for this job's."""
+        changed since): its scores must not stand for this job's. Where the runs root lives
+        (`output.path`, however spelled) is not a setting."""
         recorded = runs.read_overrides(self.folder)
-        return recorded is not None and recorded != self.overrides
+        return recorded is not None and _settings(recorded) != _settings(self.overrides)
 
     def done(self) -> bool:
         complete = runs.is_complete(self.folder) and not self.stale()
@@ -207,6 +208,10 @@ class Job:
         if self.done():
             return "done"
         return "unfinished" if (self.folder / runs.CONFIG_FILE).is_file() else "to run"
+
+
+def _settings(overrides: list[str]) -> list[str]:
+    return [o for o in overrides if not o.startswith("output.path=")]
 
 
 def _lr_text(lr: float) -> str:
@@ -386,9 +391,9 @@ def stale_message(jobs: list[Job], shown: int = 5) -> str:
              "they are not overwritten: remove them (committed runs stay in git history) or restore "
              "the settings. `--plan` lists them all as 'stale'."]
     for job in jobs[:shown]:
-        recorded = runs.read_overrides(job.folder) or []
-        added = [o for o in job.overrides if o not in recorded]
-        dropped = [o for o in recorded if o not in job.overrides]
+        recorded, planned = _settings(runs.read_overrides(job.folder) or []), _settings(job.overrides)
+        added = [o for o in planned if o not in recorded]
+        dropped = [o for o in recorded if o not in planned]
         lines.append(f"  {job.folder}: only in the plan {added}, only in the run {dropped}")
     if len(jobs) > shown:
         lines.append(f"  ... and {len(jobs) - shown} more")

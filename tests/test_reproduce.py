@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -143,6 +144,8 @@ def test_runs_made_with_other_settings_are_stale_and_stop_the_command_before_it_
     assert trained == []
     assert all(runs.is_complete(j.folder) for j in grid)  # neither trusted nor overwritten
     assert all(j.done() and not j.stale() for j in reproduce.plan(PRESET, out))  # the recorded overrides
+    elsewhere = Path(os.path.relpath(out))  # the same root spelled relatively: the same runs
+    assert all(j.done() for j in reproduce.plan(PRESET, elsewhere))
 
 
 def test_the_partial_report_says_so_and_lists_what_is_left(tree):
